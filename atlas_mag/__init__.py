@@ -1,0 +1,29 @@
+"""Atlas-MAG, a test-time-learning language model, as a Hugging Face Transformers model.
+
+Importing the package registers `AtlasMAGConfig` and the models with the Auto classes, so that
+`AutoConfig`, `AutoModel` and `AutoModelForCausalLM` resolve `model_type="atlas_mag"`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_atlas import AtlasMAGConfig
+from .modeling_atlas import (
+    AtlasMAGCache,
+    AtlasMAGForCausalLM,
+    AtlasMAGLayerState,
+    AtlasMAGModel,
+    AtlasMAGPreTrainedModel,
+)
+
+AutoConfig.register(AtlasMAGConfig.model_type, AtlasMAGConfig, exist_ok=True)
+AutoModel.register(AtlasMAGConfig, AtlasMAGModel, exist_ok=True)
+AutoModelForCausalLM.register(AtlasMAGConfig, AtlasMAGForCausalLM, exist_ok=True)
+
+__all__ = [
+    "AtlasMAGCache",
+    "AtlasMAGConfig",
+    "AtlasMAGForCausalLM",
+    "AtlasMAGLayerState",
+    "AtlasMAGModel",
+    "AtlasMAGPreTrainedModel",
+]

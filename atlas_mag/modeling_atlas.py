@@ -1,0 +1,1026 @@
+"""Atlas-MAG for Hugging Face Transformers.
+
+Behrouz et al., "Atlas: Learning to Optimally Memorize the Context at Test Time" (arXiv 2505.23735). Every block
+gates sliding-window attention with a deep polynomial memory whose weights are learned during the forward pass by
+the Omega rule (gradient descent on a window of past tokens) with Muon (Newton–Schulz) updates.
+
+Unlike the published implementation, test-time learning (TTL) here
+- runs whenever the config or the call says so: `eval()`, `torch.no_grad()`, `torch.inference_mode()`,
+  `generate` and pipelines included;
+- never writes into the model's parameters: they are the *initial* memory of every sequence, and each sequence
+  owns its learned memory and momentum, carried from call to call in the `AtlasMAGCache`;
+- is causal: a token reads the memory as it stood after the previous chunk of `ttl_chunk_size` positions;
+- uses analytic gradients of the memory MLP, so it needs no autograd and works under `inference_mode`.
+
+This file is copied next to published weights: it imports only `transformers`, `torch` and its sibling
+`configuration_atlas.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+
+from .configuration_atlas import AtlasMAGConfig
+
+# Newton–Schulz quintic coefficients (Muon; reference doc "Test-time learning").
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+QK_EPS = 1e-6
+# Queries processed per block by the banded attention and Q-K projection: bounds memory to
+# block x (block + window) instead of T x T.
+QUERY_BLOCK = 256
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class AtlasMAGRMSNorm(nn.Module):
+    """RMSNorm computed in fp32, as in the reference."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(hidden_states.dtype)
+
+
+class AtlasMAGMLP(nn.Module):
+    """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (reference `w3(silu(w1 u) * w2 u)`)."""
+
+    def __init__(self, config: AtlasMAGConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [batch, 1, seq, head_dim] for rotate-half RoPE over all head dims."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    freqs = positions.float()[..., None] * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def _append_history(past: torch.Tensor | None, new: torch.Tensor, dim: int) -> torch.Tensor:
+    return new if past is None else torch.cat([past, new], dim=dim)
+
+
+def _keep_last(tensor: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
+    """The last `keep` entries along `dim`, copied so the cache does not pin the longer tensor's storage."""
+    if tensor.shape[dim] <= keep:
+        return tensor
+    return tensor.narrow(dim, tensor.shape[dim] - keep, keep).clone()
+
+
+def sliding_window_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Causal sliding-window softmax attention, computed block by block so no T x T scores exist.
+
+    `query` [B, H, T, D] are the last T positions of the L keys/values [B, H, L, D]; `key_valid` [B, L] marks
+    keys that are real tokens. Query `t` sees key `j` iff `t - window < j <= t` and `j` is valid; a query always
+    sees itself so that padding queries stay finite.
+    """
+    num_queries, num_keys = query.shape[2], key.shape[2]
+    past = num_keys - num_queries
+    outputs = []
+    for start in range(0, num_queries, QUERY_BLOCK):
+        end = min(start + QUERY_BLOCK, num_queries)
+        key_lo = max(0, past + start - window + 1)
+        key_hi = past + end
+        query_pos = torch.arange(past + start, past + end, device=query.device)
+        key_pos = torch.arange(key_lo, key_hi, device=query.device)
+        distance = query_pos[:, None] - key_pos[None, :]
+        in_window = (distance >= 0) & (distance < window)
+        mask = (in_window & key_valid[:, None, key_lo:key_hi]) | (distance == 0)
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, key_lo:key_hi],
+                value[:, :, key_lo:key_hi],
+                attn_mask=mask[:, None],
+            )
+        )
+    return torch.cat(outputs, dim=2)
+
+
+def qk_projection(
+    query: torch.Tensor, keys: torch.Tensor, key_weights: torch.Tensor, config: AtlasMAGConfig
+) -> torch.Tensor:
+    """The Q-K projection q' that the memory reads (reference doc, "Forward pass").
+
+    q'_t = (s q_t + S_t) / (n + N_t + 1e-6), with
+    S_t = sum_{j=t-W}^{t-1} decay^(t-1-j) gamma_j (k_j . q_t) k_j and N_t = sum_j decay^(t-1-j) gamma_j ||k_j||^2
+    over strictly past keys. `query` [B, T, hidden] are the last T of the L keys [B, L, hidden];
+    `key_weights` [B, L] is gamma times the validity of each key. Computed in fp32, blocked over queries.
+    """
+    window = config.omega_window
+    num_queries, num_keys = query.shape[1], keys.shape[1]
+    past = num_keys - num_queries
+    key_sq_norms = keys.pow(2).sum(-1)
+    persistent = config.qk_persistent_scale * query
+    normalizer = config.qk_normalizer_scale * config.hidden_size
+    outputs = []
+    for start in range(0, num_queries, QUERY_BLOCK):
+        end = min(start + QUERY_BLOCK, num_queries)
+        key_lo = max(0, past + start - window)
+        key_hi = past + end - 1
+        block_query = query[:, start:end]
+        if key_hi <= key_lo:
+            outputs.append(persistent[:, start:end] / (normalizer + QK_EPS))
+            continue
+        query_pos = torch.arange(past + start, past + end, device=query.device)
+        key_pos = torch.arange(key_lo, key_hi, device=query.device)
+        distance = query_pos[:, None] - key_pos[None, :]
+        in_window = (distance >= 1) & (distance <= window)
+        decay = torch.where(in_window, config.omega_decay ** (distance - 1).clamp(min=0).float(), 0.0)
+        weights = decay[None] * key_weights[:, None, key_lo:key_hi]
+        block_keys = keys[:, key_lo:key_hi]
+        scores = torch.matmul(block_query, block_keys.transpose(1, 2)) * weights
+        summed = torch.matmul(scores, block_keys)
+        norm_sum = torch.matmul(weights, key_sq_norms[:, key_lo:key_hi, None])
+        outputs.append((persistent[:, start:end] + summed) / (normalizer + norm_sum + QK_EPS))
+    return torch.cat(outputs, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The memory: a function of per-sequence weights, with analytic gradients
+# ---------------------------------------------------------------------------------------------------------------
+
+MemoryState = dict[str, torch.Tensor]
+
+
+@lru_cache(maxsize=32)
+def monomial_indices(key_dim: int, degree: int, device: torch.device) -> torch.Tensor:
+    """Index tuples of the degree-`degree` monomials, [F, degree], in combinations-with-replacement order
+    (for degree 2 this is `torch.triu_indices(key_dim, key_dim)` order)."""
+    return torch.combinations(torch.arange(key_dim, device=device), r=degree, with_replacement=True)
+
+
+def _bmm_t(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`inputs @ weight^T` with a weight per sequence: [B, N, in] x [B, out, in] -> [B, N, out]."""
+    return torch.matmul(inputs, weight.transpose(-1, -2))
+
+
+def _layer_norm(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    return (x - mean) * rstd, rstd
+
+
+def _layer_norm_backward(grad_normed: torch.Tensor, normed: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    mean_grad = grad_normed.mean(-1, keepdim=True)
+    mean_proj = (grad_normed * normed).mean(-1, keepdim=True)
+    return rstd * (grad_normed - mean_grad - normed * mean_proj)
+
+
+def _gelu_derivative(x: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + x * pdf
+
+
+def _sequence_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each sequence's slice of a [B, ...] tensor."""
+    return tensor.reshape(tensor.shape[0], -1).norm(dim=1)
+
+
+def _per_sequence(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sequence [B] tensor to broadcast against `like` [B, ...]."""
+    return vector.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def memory_forward(
+    state: MemoryState, queries: torch.Tensor, config: AtlasMAGConfig, keep_activations: bool = False
+) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """Memory(z) with per-sequence weights (reference doc, "Memory(z)").
+
+    `state` maps parameter names to [B, *shape] fp32 tensors; `queries` is [B, N, hidden] fp32.
+    Returns the [B, N, hidden] output and, if asked, what the analytic backward needs.
+    """
+    eps = config.layer_norm_eps
+    projected = _bmm_t(queries, state["proj_down.weight"])
+    raw_blocks = [projected]
+    for degree in range(2, config.poly_degree + 1):
+        index = monomial_indices(config.memory_key_dim, degree, queries.device)
+        raw_blocks.append(projected[..., index].prod(-1))
+    if config.feature_map == "taylor":
+        coefficients = state["feature_coefficients"]
+        blocks = [block * coefficients[:, i, None, None] for i, block in enumerate(raw_blocks)]
+    else:
+        blocks = raw_blocks
+    features = torch.cat(blocks, dim=-1)
+    features_normed, features_rstd = _layer_norm(features, eps)
+    compress_input = features_normed * state["poly_norm.weight"][:, None] + state["poly_norm.bias"][:, None]
+    layer_inputs = [compress_input]
+    pre_activations = []
+    hidden = _bmm_t(compress_input, state["poly_compress.weight"])
+    for i in range(config.memory_depth + 1):
+        layer_inputs.append(hidden)
+        pre = _bmm_t(hidden, state[f"mlp.{i}.weight"])
+        pre_activations.append(pre)
+        hidden = F.gelu(pre) if i < config.memory_depth else pre
+    up = _bmm_t(hidden, state["proj_up.weight"])
+    up_normed, up_rstd = _layer_norm(up, eps)
+    affine = up_normed * state["output_norm.weight"][:, None] + state["output_norm.bias"][:, None]
+    output = state["output_scale"][:, None, None] * affine
+    if not keep_activations:
+        return output, None
+    activations = {
+        "queries": queries,
+        "projected": projected,
+        "raw_blocks": raw_blocks,
+        "features_normed": features_normed,
+        "features_rstd": features_rstd,
+        "layer_inputs": layer_inputs,
+        "pre_activations": pre_activations,
+        "memory_output": hidden,
+        "up_normed": up_normed,
+        "up_rstd": up_rstd,
+        "affine": affine,
+    }
+    return output, activations
+
+
+def polynomial_features_backward(
+    projected: torch.Tensor, grad_blocks: list[torch.Tensor], key_dim: int
+) -> torch.Tensor:
+    """Gradient of the monomial features with respect to the projected query u."""
+    grad = grad_blocks[0]
+    for degree, grad_block in enumerate(grad_blocks[1:], start=2):
+        index = monomial_indices(key_dim, degree, projected.device)
+        factors = projected[..., index]
+        for position in range(degree):
+            others = torch.cat([factors[..., :position], factors[..., position + 1 :]], dim=-1).prod(-1)
+            grad = grad.index_add(-1, index[:, position], grad_block * others)
+    return grad
+
+
+def memory_loss_gradients(
+    state: MemoryState,
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    config: AtlasMAGConfig,
+) -> tuple[MemoryState, torch.Tensor]:
+    """Analytic gradients of the Omega-rule loss of each sequence,
+    L_b = sum_i w_bi ||Memory_b(q'_bi) - v_bi||^2 (Atlas eq. for the Omega rule with gamma weights),
+    with respect to every memory parameter. Returns the gradients ([B, *shape]) and the losses [B].
+    """
+    output, act = memory_forward(state, queries, config, keep_activations=True)
+    residual = output - targets
+    losses = (token_weights * residual.pow(2).sum(-1)).sum(-1)
+    grad_output = 2.0 * token_weights[..., None] * residual
+    grads: MemoryState = {}
+
+    grads["output_scale"] = (grad_output * act["affine"]).sum((1, 2))
+    grad_affine = grad_output * state["output_scale"][:, None, None]
+    grads["output_norm.weight"] = (grad_affine * act["up_normed"]).sum(1)
+    grads["output_norm.bias"] = grad_affine.sum(1)
+    grad_up = _layer_norm_backward(
+        grad_affine * state["output_norm.weight"][:, None], act["up_normed"], act["up_rstd"]
+    )
+    grads["proj_up.weight"] = torch.matmul(grad_up.transpose(1, 2), act["memory_output"])
+    grad_hidden = torch.matmul(grad_up, state["proj_up.weight"])
+
+    for i in reversed(range(config.memory_depth + 1)):
+        if i < config.memory_depth:
+            grad_hidden = grad_hidden * _gelu_derivative(act["pre_activations"][i])
+        grads[f"mlp.{i}.weight"] = torch.matmul(grad_hidden.transpose(1, 2), act["layer_inputs"][i + 1])
+        grad_hidden = torch.matmul(grad_hidden, state[f"mlp.{i}.weight"])
+
+    grads["poly_compress.weight"] = torch.matmul(grad_hidden.transpose(1, 2), act["layer_inputs"][0])
+    grad_compress_input = torch.matmul(grad_hidden, state["poly_compress.weight"])
+    grads["poly_norm.weight"] = (grad_compress_input * act["features_normed"]).sum(1)
+    grads["poly_norm.bias"] = grad_compress_input.sum(1)
+    grad_features = _layer_norm_backward(
+        grad_compress_input * state["poly_norm.weight"][:, None], act["features_normed"], act["features_rstd"]
+    )
+    block_sizes = [block.shape[-1] for block in act["raw_blocks"]]
+    grad_blocks = list(grad_features.split(block_sizes, dim=-1))
+    if config.feature_map == "taylor":
+        coefficients = state["feature_coefficients"]
+        grads["feature_coefficients"] = torch.stack(
+            [(g * raw).sum((1, 2)) for g, raw in zip(grad_blocks, act["raw_blocks"])], dim=1
+        )
+        grad_blocks = [g * coefficients[:, i, None, None] for i, g in enumerate(grad_blocks)]
+    grad_projected = polynomial_features_backward(act["projected"], grad_blocks, config.memory_key_dim)
+    grads["proj_down.weight"] = torch.matmul(grad_projected.transpose(1, 2), act["queries"])
+    return grads, losses
+
+
+def newton_schulz(matrix: torch.Tensor, steps: int) -> torch.Tensor:
+    """Batched Newton–Schulz orthogonalisation of [B, m, n] matrices, iterated on the smaller Gram side
+    (X X^T and X^T X give the same polynomial in X)."""
+    transposed = matrix.shape[-2] > matrix.shape[-1]
+    x = matrix.transpose(-1, -2) if transposed else matrix
+    x = x / (_sequence_norm(x) + NS_EPS)[:, None, None]
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = torch.matmul(x, x.transpose(-1, -2))
+        x = a * x + torch.matmul(b * gram + c * torch.matmul(gram, gram), x)
+    return x.transpose(-1, -2) if transposed else x
+
+
+def omega_update_steps(
+    grads: MemoryState, momentum: MemoryState | None, config: AtlasMAGConfig
+) -> tuple[MemoryState, MemoryState, torch.Tensor]:
+    """One optimiser step of the memory: momentum `S = theta S + g`, then the step `eta * update(S)` that
+    `W = alpha W - step` applies. Muon orthogonalises matrices with Newton–Schulz and normalises vectors and the
+    scalar by their norm; plain descent (OmegaNet) uses S as is. Returns steps, new momentum and the gradient
+    norms [B, n_params] (for the adaptive learning rate and for diagnostics)."""
+    steps: MemoryState = {}
+    new_momentum: MemoryState = {}
+    grad_norms = []
+    for name, grad in grads.items():
+        grad_norm = _sequence_norm(grad)
+        grad_norms.append(grad_norm)
+        moment = grad if momentum is None else config.ttl_momentum * momentum[name] + grad
+        new_momentum[name] = moment
+        lr = config.ttl_lr / (1.0 + grad_norm) if config.ttl_adaptive_lr else torch.full_like(grad_norm, config.ttl_lr)
+        if config.memory_optimizer == "gd":
+            direction = moment
+        elif moment.dim() == 3:
+            direction = newton_schulz(moment, config.ttl_ns_steps)
+        else:
+            direction = moment / _per_sequence(_sequence_norm(moment) + NS_EPS, moment)
+        steps[name] = _per_sequence(lr, direction) * direction
+    return steps, new_momentum, torch.stack(grad_norms, dim=1)
+
+
+class AtlasMAGMemory(nn.Module):
+    """Deep polynomial memory. Its parameters are the initial memory of every sequence; test-time learning
+    updates per-sequence copies (`memory_forward` / `memory_loss_gradients` above), never these tensors."""
+
+    def __init__(self, config: AtlasMAGConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.proj_down = nn.Linear(config.hidden_size, config.memory_key_dim, bias=False)
+        if config.feature_map == "taylor":
+            self.feature_coefficients = nn.Parameter(self.taylor_coefficients(config.poly_degree))
+        self.poly_norm = nn.LayerNorm(config.feature_size, eps=config.layer_norm_eps)
+        self.poly_compress = nn.Linear(config.feature_size, config.poly_rank, bias=False)
+        widths = [config.poly_rank] + [config.memory_mlp_hidden_size] * config.memory_depth + [config.memory_key_dim]
+        self.mlp = nn.ModuleList(nn.Linear(widths[i], widths[i + 1], bias=False) for i in range(len(widths) - 1))
+        self.proj_up = nn.Linear(config.memory_key_dim, config.hidden_size, bias=False)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.output_scale = nn.Parameter(torch.ones(()))
+
+    @staticmethod
+    def taylor_coefficients(degree: int) -> torch.Tensor:
+        return torch.tensor([1.0 / math.factorial(d) for d in range(1, degree + 1)])
+
+    def initial_state(self, batch_size: int) -> MemoryState:
+        """The parameters as fp32 [B, *shape] views (no copy until a sequence's first update)."""
+        return {
+            name: param.float().unsqueeze(0).expand(batch_size, *param.shape)
+            for name, param in self.named_parameters()
+        }
+
+    def read_and_learn(
+        self,
+        queries: torch.Tensor,
+        values: torch.Tensor,
+        token_weights: torch.Tensor,
+        token_mask: torch.Tensor,
+        positions: torch.Tensor,
+        state: AtlasMAGLayerState,
+        ttl: bool,
+    ) -> tuple[torch.Tensor, MemoryState, MemoryState | None, dict[str, torch.Tensor]]:
+        """Read the memory at every new position and learn from every completed chunk.
+
+        Token `t` of a sequence reads the memory after `floor(position_t / C)` updates; the update that follows
+        position `kC - 1` fits the last `omega_window` positions up to and including it. Chunks are counted per
+        sequence (its own positions), so a left-padded sequence learns exactly as it would alone.
+        Returns the output [B, T, hidden], the memory and momentum after the call, and the Omega-window history.
+        """
+        config = self.config
+        memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
+        momentum = state.momentum
+        window_queries = _append_history(state.omega_queries, queries, 1)
+        window_values = _append_history(state.omega_values, values, 1)
+        window_weights = _append_history(state.omega_weights, token_weights, 1)
+        window_valid = _append_history(state.omega_valid, token_mask, 1)
+        past = window_queries.shape[1] - queries.shape[1]
+
+        events = token_mask & ((positions + 1) % config.ttl_chunk_size == 0)
+        event_columns = events.any(0).nonzero().flatten().tolist() if ttl else []
+        outputs = []
+        start = 0
+        for column in event_columns:
+            outputs.append(memory_forward(memory, queries[:, start : column + 1], config)[0])
+            start = column + 1
+            rows = events[:, column].nonzero().flatten()
+            window_end = past + column + 1
+            window_start = max(0, window_end - config.omega_window)
+            memory, momentum = self._learn(
+                memory,
+                momentum,
+                rows,
+                window_queries[rows, window_start:window_end],
+                window_values[rows, window_start:window_end],
+                window_weights[rows, window_start:window_end],
+                window_valid[rows, window_start:window_end],
+            )
+        if start < queries.shape[1]:
+            outputs.append(memory_forward(memory, queries[:, start:], config)[0])
+        keep = config.omega_window - 1
+        history = {
+            "omega_queries": _keep_last(window_queries, keep, 1),
+            "omega_values": _keep_last(window_values, keep, 1),
+            "omega_weights": _keep_last(window_weights, keep, 1),
+            "omega_valid": _keep_last(window_valid, keep, 1),
+        }
+        return torch.cat(outputs, dim=1), memory, momentum, history
+
+    def _learn(
+        self,
+        memory: MemoryState,
+        momentum: MemoryState | None,
+        rows: torch.Tensor,
+        queries: torch.Tensor,
+        values: torch.Tensor,
+        weights: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> tuple[MemoryState, MemoryState]:
+        """One Omega-rule step for the sequences in `rows` (the others keep their memory)."""
+        config = self.config
+        batch_size = next(iter(memory.values())).shape[0]
+        every_row = rows.numel() == batch_size
+        selected = memory if every_row else {name: value[rows] for name, value in memory.items()}
+        selected_momentum = None
+        if momentum is not None:
+            selected_momentum = momentum if every_row else {name: value[rows] for name, value in momentum.items()}
+        # The loss is a mean over the real tokens of each sequence's window.
+        token_weights = weights / valid.sum(1, keepdim=True).clamp(min=1)
+        through_updates = config.ttl_backprop_through_updates and torch.is_grad_enabled()
+        with torch.set_grad_enabled(through_updates):
+            inputs = (queries, values, token_weights)
+            learn_state = selected
+            if not through_updates:
+                inputs = tuple(t.detach() for t in inputs)
+                learn_state = {name: value.detach() for name, value in selected.items()}
+            grads, _ = memory_loss_gradients(learn_state, *inputs, config)
+            steps, new_momentum, grad_norms = omega_update_steps(grads, selected_momentum, config)
+        if not torch.isfinite(grad_norms).all():
+            raise FloatingPointError(
+                f"Atlas-MAG layer {self.layer_idx}: the test-time-learning gradient of the memory is not finite "
+                "(NaN or inf). The memory state or the inputs hold NaNs; reset the cache or check the input."
+            )
+        updated = {name: config.ttl_decay * selected[name] - steps[name] for name in selected}
+        if every_row:
+            return updated, new_momentum
+        if momentum is None:
+            momentum = {name: torch.zeros_like(value) for name, value in memory.items()}
+        merged_memory = {name: memory[name].index_copy(0, rows, updated[name]) for name in memory}
+        merged_momentum = {name: momentum[name].index_copy(0, rows, new_momentum[name]) for name in momentum}
+        return merged_memory, merged_momentum
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AtlasMAGLayerState:
+    """Everything one layer carries from one call to the next, per sequence (batch first). Bounded in size:
+    at most `sliding_window - 1` keys/values, `omega_window` Q-K keys, `omega_window - 1` Omega positions, and
+    one copy of the memory weights and momentum."""
+
+    attn_keys: torch.Tensor | None = None
+    attn_values: torch.Tensor | None = None
+    attn_valid: torch.Tensor | None = None
+    qk_keys: torch.Tensor | None = None
+    qk_weights: torch.Tensor | None = None
+    omega_queries: torch.Tensor | None = None
+    omega_values: torch.Tensor | None = None
+    omega_weights: torch.Tensor | None = None
+    omega_valid: torch.Tensor | None = None
+    memory: MemoryState | None = None
+    momentum: MemoryState | None = None
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, dict):
+                yield from value.values()
+            elif value is not None:
+                yield value
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> AtlasMAGLayerState:
+        changes = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, dict):
+                changes[item.name] = {name: function(tensor) for name, tensor in value.items()}
+            elif value is not None:
+                changes[item.name] = function(value)
+        return replace(self, **changes)
+
+
+class AtlasMAGLayerCache:
+    """One layer's slot in `AtlasMAGCache`. It has no keys/values API: a layer reads its whole
+    `AtlasMAGLayerState` and stores the new one."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = True
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        self.state: AtlasMAGLayerState | None = None
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
+
+    def _apply(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.state is not None:
+            self.state = self.state.map(function)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def reset(self) -> None:
+        self.state = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError("AtlasMAGCache cannot be cropped: the memory has already learned from those tokens.")
+
+    def offload(self) -> None:
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class AtlasMAGCache(Cache):
+    """Cache of an Atlas-MAG model: per layer, the attention window, the Q-K and Omega histories and each
+    sequence's learned memory weights and momentum; plus, per sequence, how many real tokens it has seen (which
+    fixes its RoPE positions and its TTL chunk boundaries). Its size does not grow with the tokens seen.
+
+    Pass it back as `past_key_values` to continue a sequence; a fresh cache (or none) starts every sequence from
+    the model's memory parameters.
+    """
+
+    def __init__(self, config: AtlasMAGConfig) -> None:
+        super().__init__(layers=[AtlasMAGLayerCache() for _ in range(config.num_hidden_layers)])
+        self.tokens_seen: torch.Tensor | None = None
+        self.positions_seen = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of input positions (padding included) processed so far; `generate` slices its inputs by it."""
+        return self.positions_seen
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return query_length, 0
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.tokens_seen is not None
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.tokens_seen is None else self.tokens_seen.shape[0]
+
+    def advance(self, token_mask: torch.Tensor) -> None:
+        counts = token_mask.sum(1)
+        self.tokens_seen = counts if self.tokens_seen is None else self.tokens_seen + counts
+        self.positions_seen += token_mask.shape[1]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.tokens_seen is not None:
+            self.tokens_seen = self.tokens_seen.index_select(0, beam_idx.to(self.tokens_seen.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.tokens_seen is not None:
+            self.tokens_seen = self.tokens_seen.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.tokens_seen is not None:
+            self.tokens_seen = self.tokens_seen[indices]
+
+    def reset(self) -> None:
+        super().reset()
+        self.tokens_seen = None
+        self.positions_seen = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors (each storage counted once)."""
+        storages = {}
+        for layer in self.layers:
+            if layer.state is not None:
+                for tensor in layer.state.tensors():
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks and models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class AtlasMAGAttention(nn.Module):
+    """Q/K/V projections with per-head RMSNorm of q and k, RoPE, and causal sliding-window attention."""
+
+    def __init__(self, config: AtlasMAGConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.q_norm = AtlasMAGRMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = AtlasMAGRMSNorm(config.head_dim, config.rms_norm_eps)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def project(
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q and k (normalised, rotated) and v, each [B, H, T, D]."""
+        batch, length, _ = hidden_states.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        query = apply_rotary(self.q_norm(heads(self.q_proj(hidden_states))), cos, sin)
+        key = apply_rotary(self.k_norm(heads(self.k_proj(hidden_states))), cos, sin)
+        return query, key, heads(self.v_proj(hidden_states))
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        token_mask: torch.Tensor,
+        state: AtlasMAGLayerState,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        keys = _append_history(state.attn_keys, key, 2)
+        values = _append_history(state.attn_values, value, 2)
+        valid = _append_history(state.attn_valid, token_mask, 1)
+        attended = sliding_window_attention(query, keys, values, valid, self.sliding_window)
+        batch, _, length, _ = attended.shape
+        output = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        keep = self.sliding_window - 1
+        history = {
+            "attn_keys": _keep_last(keys, keep, 2),
+            "attn_values": _keep_last(values, keep, 2),
+            "attn_valid": _keep_last(valid, keep, 1),
+        }
+        return output, history
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H*D] in fp32 (the memory side of the block works in fp32)."""
+    batch, _, length, _ = x.shape
+    return x.transpose(1, 2).reshape(batch, length, -1).float()
+
+
+class AtlasMAGBlock(GradientCheckpointingLayer):
+    """One Atlas-MAG block. The block is a pure function of (hidden states, layer state): it returns the new
+    state instead of writing a cache, so gradient checkpointing can replay it."""
+
+    def __init__(self, config: AtlasMAGConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.input_norm = AtlasMAGRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = AtlasMAGAttention(config)
+        if config.use_memory:
+            self.gamma_gate = nn.Sequential(
+                nn.Linear(config.hidden_size, config.gamma_gate_hidden_size, bias=False),
+                nn.SiLU(),
+                nn.Linear(config.gamma_gate_hidden_size, 1, bias=False),
+            )
+            self.memory = AtlasMAGMemory(config, layer_idx)
+        self.post_attention_norm = AtlasMAGRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = AtlasMAGMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        layer_state: AtlasMAGLayerState | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        token_mask: torch.Tensor,
+        ttl: bool,
+    ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
+        state = layer_state if layer_state is not None else AtlasMAGLayerState()
+        normed = self.input_norm(hidden_states)
+        query, key, value = self.self_attn.project(normed, cos, sin)
+        if not self.config.use_memory:
+            attn_output, attn_history = self.self_attn.attend(query, key, value, token_mask, state)
+            hidden_states = hidden_states + attn_output
+            new_state = replace(state, **attn_history)
+        else:
+            gamma = torch.sigmoid(self.gamma_gate(normed).squeeze(-1).float())
+            token_weights = gamma * token_mask
+            flat_keys = _append_history(state.qk_keys, _merge_heads(key), 1)
+            key_weights = _append_history(state.qk_weights, token_weights, 1)
+            memory_queries = qk_projection(_merge_heads(query), flat_keys, key_weights, self.config)
+            memory_output, memory, momentum, omega_history = self.memory.read_and_learn(
+                memory_queries, _merge_heads(value), token_weights, token_mask, positions, state, ttl
+            )
+            if self.config.block_type == "mag":
+                attn_output, attn_history = self.self_attn.attend(query, key, value, token_mask, state)
+                hidden_states = hidden_states + attn_output * torch.sigmoid(memory_output).to(hidden_states.dtype)
+            else:
+                # Memory as layer: the memory's output joins the attention input.
+                query, key, value = self.self_attn.project(normed + memory_output.to(normed.dtype), cos, sin)
+                attn_output, attn_history = self.self_attn.attend(query, key, value, token_mask, state)
+                hidden_states = hidden_states + attn_output
+            new_state = AtlasMAGLayerState(
+                **attn_history,
+                qk_keys=_keep_last(flat_keys, self.config.omega_window, 1),
+                qk_weights=_keep_last(key_weights, self.config.omega_window, 1),
+                **omega_history,
+                memory=memory,
+                momentum=momentum,
+            )
+        hidden_states = hidden_states + self.mlp(self.post_attention_norm(hidden_states))
+        return hidden_states, new_state
+
+
+class AtlasMAGPreTrainedModel(PreTrainedModel):
+    config_class = AtlasMAGConfig
+    config: AtlasMAGConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AtlasMAGBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # The memory cannot be rolled back to a subset of tokens (no assisted generation).
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, AtlasMAGRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, AtlasMAGMemory):
+            init.ones_(module.output_scale)
+            if hasattr(module, "feature_coefficients"):
+                init.copy_(module.feature_coefficients, module.taylor_coefficients(self.config.poly_degree))
+        elif isinstance(module, AtlasMAGModel):
+            init.zeros_(module.w_init)
+
+
+class AtlasMAGModel(AtlasMAGPreTrainedModel):
+    """The Atlas-MAG backbone: embeddings (plus the learned offset `w_init`), the blocks and the final norm."""
+
+    def __init__(self, config: AtlasMAGConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.w_init = nn.Parameter(torch.zeros(config.hidden_size))
+        self.layers = nn.ModuleList(AtlasMAGBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = AtlasMAGRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+            raise ValueError(
+                f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size}) of this "
+                "model; is the tokenizer the model's own?"
+            )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: AtlasMAGCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        ttl: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        attention_mask (`torch.Tensor` of shape `(batch, past + new)` or `(batch, new)`, *optional*):
+            1 for real tokens, 0 for padding. Padding is never attended to, never written into the memory, and
+            does not advance a sequence's positions or TTL chunks.
+        past_key_values (`AtlasMAGCache`, *optional*):
+            The state returned by an earlier call on the same sequences, to continue them. Without it, every
+            sequence starts from the model's memory parameters.
+        ttl (`bool`, *optional*):
+            Learn the memory during this call. Defaults to `config.ttl_enabled`; independent of `model.training`
+            and of `torch.no_grad()` / `torch.inference_mode()`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(
+                    f"input_ids must be [batch, length] with at least one token, got shape {tuple(input_ids.shape)}"
+                )
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, length = inputs_embeds.shape[:2]
+        if length == 0 or batch_size == 0:
+            raise ValueError(f"The input is empty (shape {tuple(inputs_embeds.shape[:2])}): nothing to process.")
+        ttl = self.config.ttl_enabled if ttl is None else ttl
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if past_key_values is not None and not isinstance(past_key_values, AtlasMAGCache):
+            raise TypeError(f"Atlas-MAG needs an AtlasMAGCache as past_key_values, got {type(past_key_values).__name__}")
+        if use_cache and past_key_values is None:
+            past_key_values = AtlasMAGCache(self.config)
+        cache = past_key_values if use_cache else None
+        if cache is not None and cache.batch_size not in (-1, batch_size):
+            raise ValueError(f"The cache holds {cache.batch_size} sequences but the input has {batch_size}.")
+
+        token_mask = self._token_mask(attention_mask, batch_size, length, inputs_embeds.device, cache)
+        tokens_seen = cache.tokens_seen if cache is not None else None
+        if tokens_seen is None:
+            tokens_seen = torch.zeros(batch_size, dtype=torch.long, device=inputs_embeds.device)
+        positions = (tokens_seen[:, None] + token_mask.long().cumsum(1) - 1).clamp(min=0)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
+        hidden_states = inputs_embeds + self.w_init
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for index, layer in enumerate(self.layers):
+            layer_state = cache.layers[index].state if cache is not None else None
+            hidden_states, new_state = layer(hidden_states, layer_state, cos, sin, positions, token_mask, ttl)
+            if cache is not None:
+                cache.layers[index].state = new_state
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        if cache is not None:
+            cache.advance(token_mask)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+        )
+
+    @staticmethod
+    def _token_mask(
+        attention_mask: torch.Tensor | None,
+        batch_size: int,
+        length: int,
+        device: torch.device,
+        cache: AtlasMAGCache | None,
+    ) -> torch.Tensor:
+        """Boolean [B, T] mask of the new positions. Accepts a mask over the new tokens or, as `generate` passes
+        it, over past and new tokens."""
+        if attention_mask is None:
+            return torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, length] with batch {batch_size}, got {tuple(attention_mask.shape)}"
+            )
+        past = cache.positions_seen if cache is not None else 0
+        if attention_mask.shape[1] not in (length, past + length):
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns; expected {length} (new tokens) or "
+                f"{past + length} (past and new tokens)"
+            )
+        return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+
+
+class AtlasMAGForCausalLM(AtlasMAGPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AtlasMAGConfig) -> None:
+        super().__init__(config)
+        self.model = AtlasMAGModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # `forward` creates its own AtlasMAGCache; generate must not hand it a DynamicCache.
+        return False
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: AtlasMAGCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        ttl: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, length)`, *optional*):
+            Targets for the next-token loss; shifted inside, -100 is ignored.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
+        ttl (`bool`, *optional*):
+            Learn the memory during this call (defaults to `config.ttl_enabled`).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            ttl=ttl,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = [
+    "AtlasMAGCache",
+    "AtlasMAGForCausalLM",
+    "AtlasMAGLayerState",
+    "AtlasMAGModel",
+    "AtlasMAGPreTrainedModel",
+]
