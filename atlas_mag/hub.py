@@ -1,0 +1,105 @@
+"""Writing Hub-ready model folders: weights (safetensors), the model's own code (`trust_remote_code`), the
+tokenizer and a model card rendered from `hub_card/README.md`; and publishing them."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from string import Template
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_card" / "README.md"
+DEFAULT_DATASETS = ("HuggingFaceTB/smollm-corpus",)
+
+
+def render_model_card(
+    model: PreTrainedModel,
+    title: str,
+    summary: str,
+    provenance: str,
+    repo_id: str = "path/to/this/folder",
+    datasets: Sequence[str] = DEFAULT_DATASETS,
+) -> str:
+    """Fill `hub_card/README.md` with the model's configuration and the given texts."""
+    config = model.config
+    fields = {
+        "title": title,
+        "summary": summary,
+        "provenance": provenance,
+        "repo_id": repo_id,
+        "datasets": "\n".join(f"- {name}" for name in datasets),
+        "num_parameters": f"{sum(p.numel() for p in model.parameters()):,}",
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "vocab_size": config.vocab_size,
+        "sliding_window": config.sliding_window,
+        "feature_map": config.feature_map,
+        "poly_degree": config.poly_degree,
+        "poly_rank": config.poly_rank,
+        "memory_optimizer": config.memory_optimizer,
+        "ttl_chunk_size": config.ttl_chunk_size,
+        "omega_window": config.omega_window,
+        "ttl_lr": config.ttl_lr,
+        "ttl_momentum": config.ttl_momentum,
+        "ttl_decay": config.ttl_decay,
+        "ttl_ns_steps": config.ttl_ns_steps,
+    }
+    return Template(CARD_TEMPLATE.read_text()).substitute(fields)
+
+
+@contextmanager
+def atomic_directory(output_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `output_dir` and move it into place only if the block succeeds, so a
+    failure never leaves a half-written folder where a good one (or nothing) was."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        yield staging
+        if output_dir.exists():
+            previous = output_dir.with_name(f".{output_dir.name}.old-{staging.name}")
+            output_dir.rename(previous)
+            staging.rename(output_dir)
+            shutil.rmtree(previous)
+        else:
+            staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def save_model_folder(
+    model: PreTrainedModel,
+    output_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    card: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save `model` as a Hub model repository: config.json with `auto_map`, model.safetensors (tied weights
+    once), generation_config.json, configuration_atlas.py and modeling_atlas.py, the tokenizer and README.md."""
+    model.config.register_for_auto_class()
+    model.register_for_auto_class("AutoModelForCausalLM")
+    with atomic_directory(output_dir, overwrite=overwrite) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if card is not None:
+            (staging / "README.md").write_text(card)
+    return Path(output_dir)
+
+
+def push_folder_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload a folder written by `save_model_folder` as it is; returns the repository URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload Atlas-MAG model")
+    return str(url)
