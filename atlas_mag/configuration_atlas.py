@@ -60,7 +60,7 @@ class AtlasMAGConfig(PretrainedConfig):
             memory_expansion` unless `memory_hidden_size` is given.
         memory_hidden_size (`int`, *optional*): explicit hidden width of the memory MLP.
         memory_depth (`int`, defaults to 1): hidden layers of the memory MLP (exact GELU between layers). The
-            reference is 1: `poly_rank -> hidden -> memory_key_dim`.
+            reference is 1: `poly_rank -> hidden -> memory_key_dim`; 0 makes it linear.
         feature_map (`str`, defaults to `"polynomial"`): `"polynomial"` concatenates every monomial of degree
             1..`poly_degree` of the projected query (degree `d` monomials ordered as
             `itertools.combinations_with_replacement(range(memory_key_dim), d)`, which for `d = 2` is
@@ -207,7 +207,6 @@ class AtlasMAGConfig(PretrainedConfig):
             "sliding_window",
             "memory_key_dim",
             "memory_expansion",
-            "memory_depth",
             "poly_rank",
             "omega_window",
             "gamma_gate_hidden_size",
@@ -218,10 +217,14 @@ class AtlasMAGConfig(PretrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if isinstance(self.memory_depth, bool) or not isinstance(self.memory_depth, int) or self.memory_depth < 0:
+            raise ValueError(f"`memory_depth` must be a non-negative integer, got {self.memory_depth!r}")
         if self.memory_hidden_size is not None and (
             not isinstance(self.memory_hidden_size, int) or self.memory_hidden_size < 1
         ):
-            raise ValueError(f"`memory_hidden_size` must be a positive integer or None, got {self.memory_hidden_size!r}")
+            raise ValueError(
+                f"`memory_hidden_size` must be a positive integer or None, got {self.memory_hidden_size!r}"
+            )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "

@@ -40,6 +40,8 @@ from .configuration_atlas import AtlasMAGConfig
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
 QK_EPS = 1e-6
+# Guards S / ||S|| against an all-zero momentum without changing it for any realistic one.
+NORM_FLOOR = 1e-20
 # Queries processed per block by the banded attention and Q-K projection: bounds memory to
 # block x (block + window) instead of T x T.
 QUERY_BLOCK = 256
@@ -333,7 +335,7 @@ def memory_loss_gradients(
     if config.feature_map == "taylor":
         coefficients = state["feature_coefficients"]
         grads["feature_coefficients"] = torch.stack(
-            [(g * raw).sum((1, 2)) for g, raw in zip(grad_blocks, act["raw_blocks"])], dim=1
+            [(g * raw).sum((1, 2)) for g, raw in zip(grad_blocks, act["raw_blocks"], strict=True)], dim=1
         )
         grad_blocks = [g * coefficients[:, i, None, None] for i, g in enumerate(grad_blocks)]
     grad_projected = polynomial_features_backward(act["projected"], grad_blocks, config.memory_key_dim)
@@ -375,7 +377,7 @@ def omega_update_steps(
         elif moment.dim() == 3:
             direction = newton_schulz(moment, config.ttl_ns_steps)
         else:
-            direction = moment / _per_sequence(_sequence_norm(moment) + NS_EPS, moment)
+            direction = moment / _per_sequence(_sequence_norm(moment).clamp(min=NORM_FLOOR), moment)
         steps[name] = _per_sequence(lr, direction) * direction
     return steps, new_momentum, torch.stack(grad_norms, dim=1)
 
@@ -888,7 +890,9 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if past_key_values is not None and not isinstance(past_key_values, AtlasMAGCache):
-            raise TypeError(f"Atlas-MAG needs an AtlasMAGCache as past_key_values, got {type(past_key_values).__name__}")
+            raise TypeError(
+                f"Atlas-MAG needs an AtlasMAGCache as past_key_values, got {type(past_key_values).__name__}"
+            )
         if use_cache and past_key_values is None:
             past_key_values = AtlasMAGCache(self.config)
         cache = past_key_values if use_cache else None

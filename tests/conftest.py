@@ -22,6 +22,8 @@ TINY = dict(
     gamma_gate_hidden_size=8,
     ttl_chunk_size=4,
     qk_normalizer_scale=0.05,
+    # A large inner learning rate makes the effect of every TTL step visible in the logits of a random model.
+    ttl_lr=0.3,
 )
 
 

@@ -58,7 +58,8 @@ def reference_logits(sd, ids, n_layers, n_heads, window=512, omega_window=256, o
         k = rope(rms_norm(k, sd[p + "qkv.k_norm.weight"]), positions)
         has_memory = p + "memory.proj_down.weight" in sd
         if has_memory:
-            gamma = torch.sigmoid(F.silu(h @ sd[p + "gamma_gate.gate.0.weight"].T) @ sd[p + "gamma_gate.gate.2.weight"].T)[:, 0]
+            gate_hidden = F.silu(h @ sd[p + "gamma_gate.gate.0.weight"].T)
+            gamma = torch.sigmoid(gate_hidden @ sd[p + "gamma_gate.gate.2.weight"].T)[:, 0]
             q_flat, k_flat = q.reshape(T, dim), k.reshape(T, dim)
             m_persistent = sd[p + "qk_memory.m_persistent"]
             norm_persistent = sd[p + "qk_memory.norm_persistent"]

@@ -1,0 +1,132 @@
+"""The memory's analytic gradients and the Omega-rule update, against autograd and the reference doc's rule."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from reference_forward import memory as reference_memory
+
+from atlas_mag import AtlasMAGForCausalLM
+from atlas_mag.modeling_atlas import memory_forward, memory_loss_gradients, newton_schulz
+
+MEMORY_VARIANTS = {
+    "degree1": {"poly_degree": 1, "poly_rank": 8},
+    "degree2": {},
+    "degree3": {"poly_degree": 3, "memory_key_dim": 4, "poly_rank": 16},
+    "taylor": {"feature_map": "taylor", "poly_degree": 3, "memory_key_dim": 4, "poly_rank": 16},
+    "shallow": {"memory_depth": 0},
+    "deep": {"memory_depth": 3, "memory_hidden_size": 12},
+}
+
+
+def random_state(config, batch=3):
+    memory = AtlasMAGForCausalLM(config).model.layers[0].memory
+    return {
+        name: (param.detach().unsqueeze(0) + 0.3 * torch.randn(batch, *param.shape)).contiguous()
+        for name, param in memory.named_parameters()
+    }
+
+
+@pytest.mark.parametrize("variant", MEMORY_VARIANTS)
+def test_analytic_gradients_match_autograd(variant):
+    config = tiny_config(**MEMORY_VARIANTS[variant])
+    state = random_state(config)
+    queries = torch.randn(3, 11, config.hidden_size)
+    targets = torch.randn(3, 11, config.hidden_size)
+    weights = torch.rand(3, 11)
+    weights[1, :4] = 0  # masked positions contribute nothing
+
+    leaves = {name: value.clone().requires_grad_(True) for name, value in state.items()}
+    output, _ = memory_forward(leaves, queries, config)
+    losses = (weights * (output - targets).pow(2).sum(-1)).sum(-1)
+    # Each sequence's gradient is that of its own loss: the sum over sequences separates them.
+    expected = torch.autograd.grad(losses.sum(), list(leaves.values()))
+
+    with torch.inference_mode():
+        analytic, analytic_losses = memory_loss_gradients(state, queries, targets, weights, config)
+    assert torch.allclose(analytic_losses, losses.detach(), rtol=1e-5)
+    assert analytic.keys() == state.keys()
+    for name, grad in zip(leaves, expected, strict=True):
+        assert torch.allclose(analytic[name], grad, rtol=1e-4, atol=1e-5), name
+
+
+def test_memory_forward_matches_reference_formula():
+    config = tiny_config()
+    state = random_state(config, batch=1)
+    queries = torch.randn(1, 9, config.hidden_size)
+    reference_names = {
+        "proj_down.weight": "proj_down.weight",
+        "poly_norm.weight": "poly_norm.weight",
+        "poly_norm.bias": "poly_norm.bias",
+        "poly_compress.weight": "poly_compress.weight",
+        "w2.weight": "mlp.0.weight",
+        "w1.weight": "mlp.1.weight",
+        "proj_up.weight": "proj_up.weight",
+        "output_norm.weight": "output_norm.weight",
+        "output_norm.bias": "output_norm.bias",
+        "output_scale": "output_scale",
+    }
+    sd = {ref: state[ours][0] for ref, ours in reference_names.items()}
+    expected = reference_memory(queries[0], sd, "")
+    assert torch.allclose(memory_forward(state, queries, config)[0][0], expected, atol=1e-5)
+
+
+def reference_newton_schulz(g, steps):
+    """The reference doc's iteration, on X X^T whatever the shape."""
+    x = g / (g.norm() + 1e-7)
+    for _ in range(steps):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+    return x
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (7, 7)])
+def test_newton_schulz_on_the_smaller_gram_side_equals_the_reference(shape):
+    matrices = torch.randn(2, *shape, dtype=torch.float64)
+    got = newton_schulz(matrices, 5)
+    for i in range(2):
+        assert torch.allclose(got[i], reference_newton_schulz(matrices[i], 5), atol=1e-10)
+
+
+def test_one_chunk_applies_the_reference_omega_rule():
+    """After exactly one chunk, the cached memory equals one step of the reference rule computed with autograd:
+    S = g, W = alpha W - eta / (1 + ||g||) * NS(S) for matrices and S / ||S|| for vectors and the scalar."""
+    config = tiny_config(num_hidden_layers=1, ttl_chunk_size=6, omega_window=8)
+    model = AtlasMAGForCausalLM(config).eval()
+    captured = {}
+    memory_module = model.model.layers[0].memory
+    original = memory_module.read_and_learn
+
+    def capture(queries, values, token_weights, *args):
+        captured.update(queries=queries, values=values, weights=token_weights)
+        return original(queries, values, token_weights, *args)
+
+    memory_module.read_and_learn = capture
+    ids = torch.randint(0, config.vocab_size, (1, 6))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    learned = cache.layers[0].state.memory
+
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in memory_module.named_parameters()}
+    ref_names = {"mlp.0.weight": "w2.weight", "mlp.1.weight": "w1.weight"}
+    sd = {ref_names.get(name, name): value for name, value in params.items()}
+    prediction = reference_memory(captured["queries"][0], sd, "")
+    gamma = captured["weights"][0]
+    loss = (gamma * (prediction - captured["values"][0]).pow(2).sum(-1)).mean()
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    for name, param in params.items():
+        g = grads[name]
+        lr = config.ttl_lr / (1 + g.norm())
+        direction = reference_newton_schulz(g, config.ttl_ns_steps) if g.dim() == 2 else g / g.norm()
+        expected = config.ttl_decay * param.detach() - lr * direction
+        assert torch.allclose(learned[name][0], expected, atol=1e-5), name
+
+
+def test_memory_output_uses_the_gelu_mlp_without_residual():
+    config = tiny_config(memory_depth=1)
+    state = random_state(config, batch=1)
+    queries = torch.randn(1, 5, config.hidden_size)
+    _, activations = memory_forward(state, queries, config, keep_activations=True)
+    hidden = activations["layer_inputs"][1]
+    expected = F.gelu(hidden @ state["mlp.0.weight"][0].T) @ state["mlp.1.weight"][0].T
+    assert torch.allclose(activations["memory_output"][0], expected, atol=1e-6)

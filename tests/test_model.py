@@ -1,0 +1,443 @@
+"""The core model: reference equivalence, causal per-sequence TTL, cache and decoding, training, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from reference_forward import reference_logits
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM
+
+# Variants of the Atlas family (issue 7) that every equivalence and isolation test runs over.
+VARIANTS = {
+    "mag-muon": {},
+    "omeganet-gd": {"memory_optimizer": "gd"},
+    "taylor": {"feature_map": "taylor"},
+    "degree3-deep": {"poly_degree": 3, "memory_depth": 2, "memory_key_dim": 4, "poly_rank": 16},
+    "mal": {"block_type": "mal"},
+    "bptu": {"ttl_backprop_through_updates": True},
+}
+
+
+def make_model(**overrides) -> AtlasMAGForCausalLM:
+    model = AtlasMAGForCausalLM(tiny_config(**overrides)).eval()
+    # Random non-trivial norms, scales and offsets so every parameter matters in the comparisons.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() <= 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def to_reference_layout(model: AtlasMAGForCausalLM) -> dict:
+    """Our state dict under the published checkpoint's key names (reference doc, "File layout")."""
+    config = model.config
+    sd = model.state_dict()
+    ref = {
+        "tok_emb.weight": sd["model.embed_tokens.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+        "w_init": sd["model.w_init"],
+        "norm_f.weight": sd["model.norm.weight"],
+    }
+    names = {
+        "norm1.weight": "input_norm.weight",
+        "norm2.weight": "post_attention_norm.weight",
+        "qkv.w_q.weight": "self_attn.q_proj.weight",
+        "qkv.w_k.weight": "self_attn.k_proj.weight",
+        "qkv.w_v.weight": "self_attn.v_proj.weight",
+        "qkv.q_norm.weight": "self_attn.q_norm.weight",
+        "qkv.k_norm.weight": "self_attn.k_norm.weight",
+        "w_o.weight": "self_attn.o_proj.weight",
+        "ffn.w1.weight": "mlp.gate_proj.weight",
+        "ffn.w2.weight": "mlp.up_proj.weight",
+        "ffn.w3.weight": "mlp.down_proj.weight",
+        "gamma_gate.gate.0.weight": "gamma_gate.0.weight",
+        "gamma_gate.gate.2.weight": "gamma_gate.2.weight",
+        "memory.proj_down.weight": "memory.proj_down.weight",
+        "memory.poly_norm.weight": "memory.poly_norm.weight",
+        "memory.poly_norm.bias": "memory.poly_norm.bias",
+        "memory.poly_compress.weight": "memory.poly_compress.weight",
+        "memory.w2.weight": "memory.mlp.0.weight",
+        "memory.w1.weight": "memory.mlp.1.weight",
+        "memory.proj_up.weight": "memory.proj_up.weight",
+        "memory.output_norm.weight": "memory.output_norm.weight",
+        "memory.output_norm.bias": "memory.output_norm.bias",
+        "memory.output_scale": "memory.output_scale",
+    }
+    for i in range(config.num_hidden_layers):
+        for ref_name, our_name in names.items():
+            if f"model.layers.{i}.{our_name}" in sd:
+                ref[f"blocks.{i}.{ref_name}"] = sd[f"model.layers.{i}.{our_name}"]
+        if not config.use_memory:
+            continue
+        ref[f"blocks.{i}.qk_memory.m_persistent"] = config.qk_persistent_scale * torch.eye(config.hidden_size)
+        ref[f"blocks.{i}.qk_memory.norm_persistent"] = torch.tensor(config.qk_normalizer_scale * config.hidden_size)
+    return ref
+
+
+def full_logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, use_cache=False, **kwargs).logits
+
+
+def decode_logits(model, ids, prefill, **kwargs):
+    """Prefill `prefill` tokens, then feed the rest one token at a time through the cache."""
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True, **kwargs)
+        logits = [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True, **kwargs)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+def test_ttl_off_matches_reference_formulas():
+    model = make_model()
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (1, 40))  # longer than sliding_window (16) and omega_window (8)
+    expected = reference_logits(
+        to_reference_layout(model),
+        ids[0],
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        window=config.sliding_window,
+        omega_window=config.omega_window,
+        omega_decay=config.omega_decay,
+    )
+    actual = full_logits(model, ids, ttl=False)[0]
+    assert (actual - expected).abs().max() <= 1e-5
+
+
+def test_attention_only_ablation_matches_reference():
+    model = make_model(use_memory=False)
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (1, 40))
+    expected = reference_logits(to_reference_layout(model), ids[0], 2, 4, window=config.sliding_window)
+    assert (full_logits(model, ids)[0] - expected).abs().max() <= 1e-5
+
+
+def test_default_config_is_the_published_model():
+    config = AtlasMAGConfig()
+    with torch.device("meta"):
+        model = AtlasMAGForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 43_356_422
+    assert config.feature_size == 2144
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# ------------------------------------------------------------------------------------- causal TTL and cache
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("prefill", [1, 7, 17])
+def test_forward_equals_prefill_plus_decoding(variant, prefill):
+    model = make_model(**VARIANTS[variant])
+    ids = torch.randint(0, model.config.vocab_size, (2, 44))  # 11 chunks, longer than the sliding window
+    expected = full_logits(model, ids)
+    assert (expected - full_logits(model, ids, ttl=False)).abs().max() > 1e-3, "TTL must change the output"
+    assert (decode_logits(model, ids, prefill) - expected).abs().max() <= 1e-4
+
+
+def test_chunked_prefill_through_the_cache_equals_one_forward():
+    model = make_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 45))
+    expected = full_logits(model, ids)
+    with torch.no_grad():
+        cache, pieces = None, []
+        for start, end in [(0, 5), (5, 18), (18, 19), (19, 45)]:
+            out = model(ids[:, start:end], past_key_values=cache, use_cache=True)
+            cache, pieces = out.past_key_values, pieces + [out.logits]
+    assert (torch.cat(pieces, 1) - expected).abs().max() <= 1e-4
+
+
+def test_updates_are_causal():
+    model = make_model()
+    chunk = model.config.ttl_chunk_size
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    base = full_logits(model, ids)
+    for cut in (3, 4, 13, 30):
+        changed = ids.clone()
+        changed[:, cut:] = torch.randint(0, model.config.vocab_size, (1, 40 - cut))
+        assert torch.equal(full_logits(model, changed)[:, :cut], base[:, :cut]), f"future tokens leaked at {cut}"
+    # Tokens of the first chunk read the initial memory; the first update is visible from the next chunk on.
+    off = full_logits(model, ids, ttl=False)
+    assert torch.equal(base[:, :chunk], off[:, :chunk])
+    assert not torch.allclose(base[:, chunk:], off[:, chunk:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_equals_each_sequence_alone(variant):
+    model = make_model(**VARIANTS[variant])
+    long_ids = torch.randint(4, model.config.vocab_size, (1, 41))
+    short_ids = torch.randint(4, model.config.vocab_size, (1, 27))
+    pad = 41 - 27
+    batch = torch.cat([long_ids, torch.cat([torch.randint(0, 97, (1, pad)), short_ids], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    batched = full_logits(model, batch, attention_mask=mask)
+    assert (batched[0] - full_logits(model, long_ids)[0]).abs().max() <= 1e-4
+    assert (batched[1, pad:] - full_logits(model, short_ids)[0]).abs().max() <= 1e-4
+    # Another sequence in the batch (or other padding values) never changes a sequence's output.
+    other = batch.clone()
+    other[0] = torch.randint(4, 97, (41,))
+    other[1, :pad] = torch.randint(0, 97, (pad,))
+    assert (full_logits(model, other, attention_mask=mask)[1, pad:] - batched[1, pad:]).abs().max() <= 1e-5
+
+
+def test_left_padded_decoding_equals_full_forward():
+    model = make_model()
+    batch = torch.randint(4, 97, (2, 30))
+    mask = torch.ones_like(batch)
+    mask[1, :9] = 0
+    expected = full_logits(model, batch, attention_mask=mask)
+    with torch.no_grad():
+        out = model(batch[:, :12], attention_mask=mask[:, :12], use_cache=True)
+        pieces = [out.logits]
+        for t in range(12, 30):
+            out = model(batch[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+            pieces.append(out.logits)
+    got = torch.cat(pieces, 1)
+    assert (got[0] - expected[0]).abs().max() <= 1e-4
+    assert (got[1, 9:] - expected[1, 9:]).abs().max() <= 1e-4
+
+
+def test_ttl_runs_in_every_mode_and_never_touches_parameters():
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 97, (2, 30))
+    reference = full_logits(model, ids)
+    with torch.inference_mode():
+        inference = model(ids).logits
+        model.generate(ids, max_new_tokens=12, do_sample=False)
+    model.train()
+    training = model(ids).logits.detach()
+    model.eval()
+    assert torch.allclose(inference, reference, atol=1e-6)
+    assert torch.allclose(training, reference, atol=1e-6)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed"
+
+
+def test_two_calls_never_share_memory():
+    model = make_model()
+    a = torch.randint(0, 97, (1, 30))
+    b = torch.randint(0, 97, (1, 30))
+    first = full_logits(model, a)
+    full_logits(model, b)
+    assert torch.equal(full_logits(model, a), first)
+
+
+def test_cache_size_does_not_grow():
+    model = make_model(ttl_chunk_size=16)
+    cache = model(torch.randint(0, 97, (1, 20))).past_key_values
+    sizes = {}
+    with torch.inference_mode():
+        for step in range(1, 8001):
+            cache = model(torch.randint(0, 97, (1, 1)), past_key_values=cache).past_key_values
+            if step in (2000, 8000):
+                sizes[step] = cache.nbytes()
+    assert sizes[2000] == sizes[8000] > 0
+    assert cache.get_seq_length() == 8020
+
+
+def test_memory_math_is_fp32_under_bf16():
+    model = make_model().to(torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    state = out.past_key_values.layers[0].state
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert all(t.dtype == torch.float32 for t in state.memory.values())
+    assert state.omega_queries.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def manual_greedy(model, ids, steps, **kwargs):
+    for _ in range(steps):
+        next_id = full_logits(model, ids, **kwargs)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+def test_generate_greedy_equals_manual_loop_and_ttl_matters():
+    model = make_model(initializer_range=0.2)  # larger weights: a random model that does not repeat one token
+    prompt = torch.randint(4, 97, (1, 23))
+    with torch.inference_mode():
+        on = model.generate(prompt, max_new_tokens=15, do_sample=False)
+        off = model.generate(prompt, max_new_tokens=15, do_sample=False, ttl=False)
+    assert torch.equal(on, manual_greedy(model, prompt, 15))
+    assert torch.equal(off, manual_greedy(model, prompt, 15, ttl=False))
+    assert not torch.equal(on, off)
+
+
+def test_generate_with_cache_equals_generate_without_cache():
+    """Beam search (cache reordering), sampling with several return sequences and left-padded batches decode
+    the same with the cache as by recomputing every prefix."""
+    model = make_model()
+    prompt = torch.randint(4, 97, (2, 19))
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0
+    settings = [
+        dict(num_beams=3, do_sample=False, num_return_sequences=2),
+        dict(do_sample=True, top_k=20, num_return_sequences=3),
+        dict(do_sample=False),
+    ]
+    for kwargs in settings:
+        results = []
+        for use_cache in (True, False):
+            torch.manual_seed(1)
+            with torch.no_grad():
+                results.append(
+                    model.generate(prompt, attention_mask=mask, max_new_tokens=9, use_cache=use_cache, **kwargs)
+                )
+        assert torch.equal(results[0], results[1]), kwargs
+
+
+def test_generation_continues_from_returned_cache():
+    model = make_model()
+    prompt = torch.randint(4, 97, (1, 21))
+    with torch.no_grad():
+        whole = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        first = model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        assert isinstance(first.past_key_values, AtlasMAGCache)
+        resumed = model.generate(
+            first.sequences, past_key_values=first.past_key_values, max_new_tokens=7, do_sample=False
+        )
+    assert torch.equal(resumed, whole)
+
+
+def test_pipeline_generates_with_ttl(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, **{f"w{i}": i for i in range(4, 97)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+    model = make_model(initializer_range=0.2)
+    prompt = " ".join(f"w{i}" for i in torch.randint(4, 97, (30,)).tolist())
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    on = generator(prompt, max_new_tokens=10, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    off = generator(prompt, max_new_tokens=10, do_sample=False, return_tensors=True, ttl=False)
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    assert list(on) == manual_greedy(model, ids, 10)[0].tolist()
+    assert list(on) != list(off[0]["generated_token_ids"])
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_loss_follows_the_transformers_convention():
+    model = make_model()
+    ids = torch.randint(0, 97, (2, 20))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = model(ids, labels=labels)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert torch.allclose(model(ids, logits_to_keep=3).logits, out.logits[:, -3:], atol=1e-6)
+
+
+@pytest.mark.parametrize("through_updates", [False, True])
+def test_outer_loss_trains_memory_and_checkpointing_gives_same_gradients(through_updates):
+    model = make_model(ttl_backprop_through_updates=through_updates).train()
+    ids = torch.randint(0, 97, (2, 30))
+
+    def gradients():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    checkpointed = gradients()
+    model.gradient_checkpointing_disable()
+    assert plain.keys() == checkpointed.keys()
+    assert {n for n, _ in model.named_parameters()} == set(plain), "every parameter gets a gradient"
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+    memory_grad = plain["model.layers.0.memory.poly_compress.weight"]
+    assert torch.isfinite(memory_grad).all() and memory_grad.abs().sum() > 0
+
+
+def test_backprop_through_updates_changes_the_gradient():
+    ids = torch.randint(0, 97, (2, 30))
+    grads = []
+    for through in (False, True):
+        torch.manual_seed(0)
+        model = make_model(ttl_backprop_through_updates=through).train()
+        model(ids, labels=ids).loss.backward()
+        grads.append(model.model.layers[0].memory.proj_down.weight.grad)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+# ------------------------------------------------------------------------------------- saving and loading
+
+
+def test_save_and_load_round_trip_bit_exactly(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, AtlasMAGForCausalLM)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), AtlasMAGConfig)
+    original, reloaded = model.state_dict(), loaded.state_dict()
+    assert original.keys() == reloaded.keys()
+    for key in original:
+        assert torch.equal(original[key], reloaded[key]), key
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_attention_heads", 5),
+        ("poly_degree", 0),
+        ("poly_rank", 10_000),
+        ("sliding_window", 0),
+        ("omega_window", -1),
+        ("ttl_chunk_size", 0),
+        ("ttl_lr", -0.1),
+        ("ttl_decay", 0.0),
+        ("ttl_decay", 1.5),
+        ("ttl_momentum", 1.0),
+        ("memory_optimizer", "adam"),
+        ("feature_map", "fourier"),
+        ("block_type", "mac"),
+        ("memory_depth", -1),
+    ],
+)
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**{field: value})
+
+
+def test_bad_inputs_are_caught_with_a_message():
+    model = make_model()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, 2, 97]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="at least one token"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 3))
+
+
+def test_nan_in_memory_is_caught():
+    model = make_model()
+    with torch.no_grad():
+        model.model.layers[1].memory.poly_compress.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="layer 1"):
+        model(torch.randint(0, 97, (1, 12)))
