@@ -38,18 +38,34 @@ def render_model_card(
         "num_heads": config.num_attention_heads,
         "vocab_size": config.vocab_size,
         "sliding_window": config.sliding_window,
-        "feature_map": config.feature_map,
-        "poly_degree": config.poly_degree,
-        "poly_rank": config.poly_rank,
-        "memory_optimizer": config.memory_optimizer,
         "ttl_chunk_size": config.ttl_chunk_size,
-        "omega_window": config.omega_window,
-        "ttl_lr": config.ttl_lr,
-        "ttl_momentum": config.ttl_momentum,
-        "ttl_decay": config.ttl_decay,
-        "ttl_ns_steps": config.ttl_ns_steps,
     }
+    if config.use_memory:
+        fields["memory"] = (
+            f"{config.feature_map} features of degree {config.poly_degree} on {config.memory_key_dim} dims, "
+            f"rank {config.poly_rank}, MLP width {config.memory_mlp_hidden_size}, "
+            f"optimizer `{config.memory_optimizer}`"
+        )
+        fields["ttl"] = (
+            f"chunk {config.ttl_chunk_size}, Omega window {config.omega_window}, eta {config.ttl_lr}"
+            f"{' (adaptive)' if config.ttl_adaptive_lr else ''}, momentum {config.ttl_momentum}, decay "
+            f"{config.ttl_decay}, Newton–Schulz steps {config.ttl_ns_steps}"
+        )
+    else:
+        fields["memory"] = "none: attention-only ablation (`use_memory=False`)"
+        fields["ttl"] = "none (no memory to learn)"
     return Template(CARD_TEMPLATE.read_text()).substitute(fields)
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool = False) -> None:
+    """Raise unless `output_dir` may be written: absent, an empty folder, or a folder and `overwrite`."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"{output_dir} exists and is not a folder; refusing to replace it")
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
 
 
 @contextmanager
@@ -57,8 +73,7 @@ def atomic_directory(output_dir: str | Path, overwrite: bool = False) -> Iterato
     """Yield a temporary folder beside `output_dir` and move it into place only if the block succeeds, so a
     failure never leaves a half-written folder where a good one (or nothing) was."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
@@ -83,7 +98,8 @@ def save_model_folder(
     overwrite: bool = False,
 ) -> Path:
     """Save `model` as a Hub model repository: config.json with `auto_map`, model.safetensors (tied weights
-    once), generation_config.json, configuration_atlas.py and modeling_atlas.py, the tokenizer and README.md."""
+    once), generation_config.json, configuration_atlas.py and modeling_atlas.py, the tokenizer and
+    README.md."""
     model.config.register_for_auto_class()
     model.register_for_auto_class("AutoModelForCausalLM")
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
