@@ -15,6 +15,19 @@ MEMORY_OPTIMIZERS = ("muon", "gd")
 FEATURE_MAPS = ("polynomial", "taylor")
 BLOCK_TYPES = ("mag", "mal")
 
+# Named sizes. "atlas-mag-43m" is the published checkpoint; the others follow the sizes of the `titans_atlas`
+# presets (~170M, ~400M, ~760M parameters, embeddings tied, vocab 32000). Parameter counts are in
+# `PRESET_PARAMETERS` and checked by the tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    "atlas-mag-43m": {},
+    "atlas-small": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=12, intermediate_size=2048,
+                        poly_rank=768),
+    "atlas-medium": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816,
+                         poly_rank=1024),
+    "atlas-large": dict(hidden_size=1536, num_hidden_layers=23, num_attention_heads=24, intermediate_size=4096,
+                        poly_rank=1024),
+}
+
 
 def polynomial_feature_size(key_dim: int, degree: int) -> int:
     """Number of monomials of degree 1..`degree` in `key_dim` variables (no constant term).
@@ -184,6 +197,14 @@ class AtlasMAGConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> AtlasMAGConfig:
+        """A named size (`atlas-mag-43m`, `atlas-small`, `atlas-medium`, `atlas-large`); keyword arguments
+        override any field, e.g. `AtlasMAGConfig.from_preset("atlas-small", memory_optimizer="gd")`."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     @property
     def head_dim(self) -> int:

@@ -2,11 +2,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The tests run tiny tensors, for which extra threads only add contention (subprocesses inherit this too).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from atlas_mag import AtlasMAGConfig  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY = dict(
     vocab_size=97,

@@ -232,7 +232,7 @@ def test_two_calls_never_share_memory():
 
 
 def test_cache_size_does_not_grow():
-    model = make_model(ttl_chunk_size=16)
+    model = make_model(num_hidden_layers=1, ttl_chunk_size=64)
     cache = model(torch.randint(0, 97, (1, 20))).past_key_values
     sizes = {}
     with torch.inference_mode():
@@ -441,3 +441,27 @@ def test_nan_in_memory_is_caught():
         model.model.layers[1].memory.poly_compress.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="layer 1"):
         model(torch.randint(0, 97, (1, 12)))
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize(
+    "name, parameters",
+    [
+        ("atlas-mag-43m", 43_356_422),
+        ("atlas-small", 170_057_232),
+        ("atlas-medium", 405_351_448),
+        ("atlas-large", 764_249_751),
+    ],
+)
+def test_presets_have_their_documented_size(name, parameters):
+    with torch.device("meta"):
+        model = AtlasMAGForCausalLM(AtlasMAGConfig.from_preset(name))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="atlas-small"):
+        AtlasMAGConfig.from_preset("atlas-huge")
+    assert AtlasMAGConfig.from_preset("atlas-small", memory_optimizer="gd").memory_optimizer == "gd"
