@@ -465,3 +465,19 @@ def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="atlas-small"):
         AtlasMAGConfig.from_preset("atlas-huge")
     assert AtlasMAGConfig.from_preset("atlas-small", memory_optimizer="gd").memory_optimizer == "gd"
+
+
+def test_removing_the_memory_gate_gives_plain_residual_attention():
+    model = make_model()
+    ids = torch.randint(0, 97, (1, 30))
+    gated = full_logits(model, ids)
+    removed = full_logits(model, ids, memory_gate=False)
+    reference = to_reference_layout(model)
+    ablated = {k: v for k, v in reference.items() if ".memory." not in k and "gamma_gate" not in k}
+    config = model.config
+    expected = reference_logits(ablated, ids[0], 2, 4, window=config.sliding_window)
+    assert (removed[0] - expected).abs().max() <= 1e-5
+    assert not torch.allclose(gated, removed)
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False, memory_gate=False)
+    assert torch.equal(generated, manual_greedy(model, ids, 5, memory_gate=False))
