@@ -352,7 +352,9 @@ def newton_schulz(matrix: torch.Tensor, steps: int) -> torch.Tensor:
     a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = torch.matmul(x, x.transpose(-1, -2))
-        x = a * x + torch.matmul(b * gram + c * torch.matmul(gram, gram), x)
+        # Fused forms of `b * gram + c * gram @ gram` and `a * x + poly @ x`.
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
     return x.transpose(-1, -2) if transposed else x
 
 
