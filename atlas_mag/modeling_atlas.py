@@ -772,13 +772,15 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
             new_state = replace(state, **attn_history)
         else:
             gamma = torch.sigmoid(self.gamma_gate(normed).squeeze(-1).float())
-            token_weights = gamma * token_mask
-            flat_keys = _append_history(state.qk_keys, _merge_heads(key), 1)
-            key_weights = _append_history(state.qk_weights, token_weights, 1)
-            memory_queries = qk_projection(_merge_heads(query), flat_keys, key_weights, self.config)
-            memory_output, memory, momentum, omega_history = self.memory.read_and_learn(
-                memory_queries, _merge_heads(value), token_weights, token_mask, positions, state, ttl
-            )
+            # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision.
+            with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+                token_weights = gamma * token_mask
+                flat_keys = _append_history(state.qk_keys, _merge_heads(key), 1)
+                key_weights = _append_history(state.qk_weights, token_weights, 1)
+                memory_queries = qk_projection(_merge_heads(query), flat_keys, key_weights, self.config)
+                memory_output, memory, momentum, omega_history = self.memory.read_and_learn(
+                    memory_queries, _merge_heads(value), token_weights, token_mask, positions, state, ttl
+                )
             if self.config.block_type == "mag":
                 attn_output, attn_history = self.self_attn.attend(query, key, value, token_mask, state)
                 hidden_states = hidden_states + attn_output * torch.sigmoid(memory_output).to(hidden_states.dtype)

@@ -88,11 +88,8 @@ def test_newton_schulz_on_the_smaller_gram_side_equals_the_reference(shape):
         assert torch.allclose(got[i], reference_newton_schulz(matrices[i], 5), atol=1e-10)
 
 
-def test_one_chunk_applies_the_reference_omega_rule():
-    """After exactly one chunk, the cached memory equals one step of the reference rule computed with autograd:
-    S = g, W = alpha W - eta / (1 + ||g||) * NS(S) for matrices and S / ||S|| for vectors and the scalar."""
-    config = tiny_config(num_hidden_layers=1, ttl_chunk_size=6, omega_window=8)
-    model = AtlasMAGForCausalLM(config).eval()
+def run_one_chunk(model, autocast_dtype=None):
+    """Forward exactly one TTL chunk; return the learned memory of layer 0 and the inputs its update saw."""
     captured = {}
     memory_module = model.model.layers[0].memory
     original = memory_module.read_and_learn
@@ -102,10 +99,19 @@ def test_one_chunk_applies_the_reference_omega_rule():
         return original(queries, values, token_weights, *args)
 
     memory_module.read_and_learn = capture
-    ids = torch.randint(0, config.vocab_size, (1, 6))
-    with torch.no_grad():
+    ids = torch.randint(0, model.config.vocab_size, (1, model.config.ttl_chunk_size))
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=bool(autocast_dtype)):
         cache = model(ids, use_cache=True).past_key_values
-    learned = cache.layers[0].state.memory
+    return cache.layers[0].state.memory, captured
+
+
+def test_one_chunk_applies_the_reference_omega_rule():
+    """After exactly one chunk, the cached memory equals one step of the reference rule computed with autograd:
+    S = g, W = alpha W - eta / (1 + ||g||) * NS(S) for matrices and S / ||S|| for vectors and the scalar."""
+    config = tiny_config(num_hidden_layers=1, ttl_chunk_size=6, omega_window=8)
+    model = AtlasMAGForCausalLM(config).eval()
+    memory_module = model.model.layers[0].memory
+    learned, captured = run_one_chunk(model)
 
     params = {name: p.detach().clone().requires_grad_(True) for name, p in memory_module.named_parameters()}
     ref_names = {"mlp.0.weight": "w2.weight", "mlp.1.weight": "w1.weight"}
@@ -130,3 +136,20 @@ def test_memory_output_uses_the_gelu_mlp_without_residual():
     hidden = activations["layer_inputs"][1]
     expected = F.gelu(hidden @ state["mlp.0.weight"][0].T) @ state["mlp.1.weight"][0].T
     assert torch.allclose(activations["memory_output"][0], expected, atol=1e-6)
+
+
+def test_memory_math_stays_fp32_under_autocast():
+    """Under bf16 autocast the memory update equals the fp32 computation on the same inputs."""
+    config = tiny_config(num_hidden_layers=1, ttl_chunk_size=6, omega_window=8)
+    model = AtlasMAGForCausalLM(config).eval()
+    learned, captured = run_one_chunk(model, autocast_dtype=torch.bfloat16)
+    assert captured["queries"].dtype == torch.float32
+    initial = model.model.layers[0].memory.initial_state(1)
+    grads, _ = memory_loss_gradients(
+        initial, captured["queries"], captured["values"], captured["weights"] / config.ttl_chunk_size, config
+    )
+    g = grads["poly_compress.weight"][0]
+    lr = config.ttl_lr / (1 + g.norm())
+    step = lr * reference_newton_schulz(g, config.ttl_ns_steps)
+    expected = config.ttl_decay * initial["poly_compress.weight"][0] - step
+    assert torch.allclose(learned["poly_compress.weight"][0], expected, atol=1e-5)
