@@ -1,0 +1,114 @@
+"""Fine-tuning a saved Atlas-MAG model (converted or pretrained) with the Transformers `Trainer`: a `datasets`
+text dataset tokenised as `<bos> text <eos>`, packed into blocks, `DataCollatorForLanguageModeling(mlm=False)`,
+gradient checkpointing on (with test-time learning on, as in pretraining)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, IterableDataset
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+
+from .data import DataSource, encode_document, load_source, pack_documents, split_holdout
+from .hub import render_model_card, save_model_folder
+from .modeling_atlas import AtlasMAGForCausalLM
+from .tokenization import load_tokenizer
+
+DEFAULT_TRAINING_ARGUMENTS = {
+    "learning_rate": 5e-5,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "num_train_epochs": 1,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 10,
+    "weight_decay": 0.1,
+    "max_grad_norm": 1.0,
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "eval_steps": 100,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "report_to": "tensorboard",
+}
+
+
+def pack_for_causal_lm(
+    dataset: Dataset | IterableDataset, tokenizer: PreTrainedTokenizerBase, block_size: int
+) -> Dataset | IterableDataset:
+    """Tokenise every document as `<bos> text <eos>` and cut the concatenation into blocks of `block_size`
+    tokens (a "text" column in, an "input_ids" column out; the tail of each map batch is dropped)."""
+
+    def pack(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        documents = [encode_document(tokenizer, text) for text in batch["text"] if text]
+        return {"input_ids": pack_documents(documents, block_size)}
+
+    return dataset.map(pack, batched=True, batch_size=256, remove_columns=["text"])
+
+
+def finetune(
+    model_path: str | Path,
+    train_source: DataSource,
+    output_dir: str | Path,
+    block_size: int = 1024,
+    eval_source: DataSource | None = None,
+    eval_documents: int = 50,
+    tokenizer_path: str | Path | None = None,
+    training_arguments: dict[str, Any] | None = None,
+) -> tuple[Trainer, dict[str, float]]:
+    """Fine-tune the model saved at `model_path` and export it to `output_dir/final`. Without `eval_source`, the
+    first `eval_documents` documents of the training data are held out for evaluation. `training_arguments`
+    override `DEFAULT_TRAINING_ARGUMENTS` (any `TrainingArguments` field). Returns the trainer and the final
+    evaluation metrics."""
+    tokenizer = load_tokenizer(tokenizer_path or model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    if not isinstance(model, AtlasMAGForCausalLM):
+        raise ValueError(f"{model_path} holds a {type(model).__name__}, not an Atlas-MAG model")
+    train_data = load_source(train_source)
+    if eval_source is None:
+        train_data, eval_data = split_holdout(train_data, eval_documents, train_source.label)
+    else:
+        eval_data = load_source(eval_source)
+    train_blocks = pack_for_causal_lm(train_data, tokenizer, block_size)
+    eval_blocks = pack_for_causal_lm(eval_data, tokenizer, block_size)
+    for name, blocks in (("training", train_blocks), ("evaluation", eval_blocks)):
+        if isinstance(blocks, Dataset) and len(blocks) == 0:
+            raise ValueError(
+                f"The {name} data gives no block of {block_size} tokens: its documents are empty or shorter "
+                "than needed. Lower the block size or add data."
+            )
+
+    arguments = {
+        **DEFAULT_TRAINING_ARGUMENTS,
+        **(training_arguments or {}),
+        "output_dir": str(output_dir),
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    }
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**arguments),
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    if trainer.is_world_process_zero():
+        provenance = (
+            f"Fine-tuned from `{model_path}` with the Transformers Trainer (`scripts/finetune.py`) for "
+            f"{trainer.state.global_step} steps on {train_source.label}, blocks of {block_size} tokens."
+        )
+        card = render_model_card(
+            trainer.model, "Atlas-MAG (fine-tuned)", "An Atlas-MAG model fine-tuned with the Trainer.", provenance
+        )
+        save_model_folder(trainer.model, Path(output_dir) / "final", tokenizer=tokenizer, card=card, overwrite=True)
+    return trainer, metrics

@@ -1,0 +1,57 @@
+"""The Atlas-MAG tokenizer: training a ByteLevel BPE like the published one (32,000 tokens, `<pad>`=0,
+`<unk>`=1, `<bos>`=2, `<eos>`=3) and loading tokenizers from a `tokenizer.json` file, a folder or the Hub."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 32000, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a ByteLevel BPE on `texts`, laid out like the published tokenizer: the four special tokens take
+    ids 0-3 in the order `<pad> <unk> <bos> <eos>`, then the 256 byte symbols, then the merges."""
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ValueError(
+            f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (specials + bytes), got {vocab_size}"
+        )
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS) + 256:
+        raise ValueError("The tokenizer learned no merges: the training text is empty or too small.")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer from a bare `tokenizer.json` (the special tokens are the four above), or from a folder or
+    Hub repository that `AutoTokenizer` can read. It must define `<bos>` and `<eos>` ids for document
+    packing."""
+    path = Path(name_or_path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"Tokenizer file {path} does not exist")
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), **SPECIAL_TOKENS)
+        missing = [token for token in SPECIAL_TOKENS.values() if token not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"Tokenizer file {path} lacks the special tokens {missing}")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(f"Tokenizer {name_or_path} has no bos/eos token; documents are packed as <bos> text <eos>")
+    return tokenizer
