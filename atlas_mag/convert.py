@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast
 
 from .configuration_atlas import AtlasMAGConfig, polynomial_feature_size
 from .hub import check_output_dir, push_folder_to_hub, render_model_card, save_model_folder
 from .modeling_atlas import AtlasMAGForCausalLM
+from .tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -469,35 +468,6 @@ def model_from_weights(config: AtlasMAGConfig, weights: Mapping[str, torch.Tenso
     model.load_state_dict(weights, strict=True, assign=True)
     model.tie_weights()
     return model.eval()
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """The `tokenizers` JSON file at `path` as a PreTrainedTokenizerFast with <pad>/<unk>/<bos>/<eos> that
-    puts <bos> before every text, as training did (documents were `<bos> text <eos>`; a prompt gets no
-    <eos>)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} does not exist or is not a file")
-    try:
-        backend = Tokenizer.from_file(str(path))
-    except Exception as error:
-        raise ValueError(f"{path} is not a `tokenizers` JSON file ({error})") from error
-    specials = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
-    absent = [token for token in specials.values() if backend.token_to_id(token) is None]
-    if absent:
-        raise ValueError(
-            f"tokenizer {path} lacks the special tokens {absent}; Atlas-MAG needs {list(specials.values())}"
-        )
-    # add_bos_token makes transformers install a TemplateProcessing post-processor `<bos> $A` on the backend.
-    # Transformers 5 saves that in tokenizer.json (not add_bos_token in tokenizer_config.json), so
-    # AutoTokenizer.from_pretrained reproduces it.
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        add_bos_token=True,
-        add_eos_token=False,
-        clean_up_tokenization_spaces=False,
-        **specials,
-    )
 
 
 def file_sha256(path: str | Path) -> str:

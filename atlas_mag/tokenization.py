@@ -35,21 +35,44 @@ def train_bpe_tokenizer(
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS) + 256:
         raise ValueError("The tokenizer learned no merges: the training text is empty or too small.")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+    return wrap_backend_tokenizer(tokenizer)
+
+
+def wrap_backend_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A `tokenizers` tokenizer as a PreTrainedTokenizerFast with <pad>/<unk>/<bos>/<eos> that puts <bos> before
+    every text, as training did (documents were `<bos> text <eos>`; a prompt gets no <eos>)."""
+    absent = [token for token in SPECIAL_TOKENS.values() if backend.token_to_id(token) is None]
+    if absent:
+        raise ValueError(
+            f"the tokenizer lacks the special tokens {absent}; Atlas-MAG needs {list(SPECIAL_TOKENS.values())}"
+        )
+    # add_bos_token makes transformers install a TemplateProcessing post-processor `<bos> $A` on the backend.
+    # Transformers 5 saves that in tokenizer.json (not add_bos_token in tokenizer_config.json), so
+    # AutoTokenizer.from_pretrained reproduces it.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        **SPECIAL_TOKENS,
+    )
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    """A tokenizer from a bare `tokenizer.json` (the special tokens are the four above), or from a folder or
-    Hub repository that `AutoTokenizer` can read. It must define `<bos>` and `<eos>` ids for document
-    packing."""
+    """A tokenizer from a bare `tokenizer.json` (with the four special tokens above), or from a folder or Hub
+    repository that `AutoTokenizer` can read. It must define `<bos>` and `<eos>` ids for document packing."""
     path = Path(name_or_path)
     if path.suffix == ".json":
         if not path.is_file():
-            raise FileNotFoundError(f"Tokenizer file {path} does not exist")
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), **SPECIAL_TOKENS)
-        missing = [token for token in SPECIAL_TOKENS.values() if token not in tokenizer.get_vocab()]
-        if missing:
-            raise ValueError(f"Tokenizer file {path} lacks the special tokens {missing}")
+            raise FileNotFoundError(f"tokenizer {path} does not exist or is not a file")
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as error:
+            raise ValueError(f"{path} is not a `tokenizers` JSON file ({error})") from error
+        try:
+            tokenizer = wrap_backend_tokenizer(backend)
+        except ValueError as error:
+            raise ValueError(f"tokenizer {path}: {error}") from error
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:

@@ -29,8 +29,8 @@ from atlas_mag.convert import (
     config_from_reference_state_dict,
     convert_checkpoint,
     convert_state_dict,
-    load_tokenizer,
 )
+from atlas_mag.tokenization import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_32K = REPO.parent / "shared" / "reference" / "tokenizer_atlas_mag_32k.json"
