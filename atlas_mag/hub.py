@@ -4,6 +4,7 @@ tokenizer and a model card rendered from `hub_card/README.md`; and publishing th
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,7 +13,12 @@ from string import Template
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_card" / "README.md"
+# The template lives in the repository's hub_card/ (a source checkout or editable install); a regular install
+# places it under <prefix>/share/atlas_mag/hub_card (setup.cfg data_files).
+CARD_TEMPLATE_LOCATIONS = (
+    Path(__file__).resolve().parent.parent / "hub_card" / "README.md",
+    Path(sys.prefix) / "share" / "atlas_mag" / "hub_card" / "README.md",
+)
 DEFAULT_DATASETS = ("HuggingFaceTB/smollm-corpus",)
 
 
@@ -54,7 +60,10 @@ def render_model_card(
     else:
         fields["memory"] = "none: attention-only ablation (`use_memory=False`)"
         fields["ttl"] = "none (no memory to learn)"
-    return Template(CARD_TEMPLATE.read_text()).substitute(fields)
+    template = next((path for path in CARD_TEMPLATE_LOCATIONS if path.is_file()), None)
+    if template is None:
+        raise FileNotFoundError(f"model-card template not found in {[str(p) for p in CARD_TEMPLATE_LOCATIONS]}")
+    return Template(template.read_text()).substitute(fields)
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool = False) -> None:
