@@ -52,6 +52,28 @@ QUERY_BLOCK = 256
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class AtlasMAGModelOutput(BaseModelOutputWithPast):
+    r"""
+    ttl_gradient_norms (`torch.FloatTensor` of shape `(num_layers,)`, *optional*):
+        Mean norm of the memory gradients of the test-time-learning updates made during the call, per layer (a
+        training and serving diagnostic); None when the call made no update.
+    """
+
+    ttl_gradient_norms: torch.FloatTensor | None = None
+
+
+@dataclass
+class AtlasMAGCausalLMOutput(CausalLMOutputWithPast):
+    r"""
+    ttl_gradient_norms (`torch.FloatTensor` of shape `(num_layers,)`, *optional*):
+        Mean norm of the memory gradients of the test-time-learning updates made during the call, per layer; None
+        when the call made no update.
+    """
+
+    ttl_gradient_norms: torch.FloatTensor | None = None
+
+
 class AtlasMAGRMSNorm(nn.Module):
     """RMSNorm computed in fp32, as in the reference."""
 
@@ -384,6 +406,26 @@ def omega_update_steps(
     return steps, new_momentum, torch.stack(grad_norms, dim=1)
 
 
+# One TTL update: the column (position in the call) after which it happens, and the batch rows that learn there
+# (None: every row).
+TTLUpdate = tuple[int, torch.Tensor | None]
+
+
+def ttl_schedule(token_mask: torch.Tensor, positions: torch.Tensor, chunk_size: int) -> list[TTLUpdate]:
+    """When each sequence learns during a call: after every real token whose own position is `kC - 1`.
+
+    Chunks are counted in each sequence's own positions, so a left-padded sequence learns exactly as it would
+    alone, and every token reads the memory after `floor(position / C)` updates. Computed once per call for all
+    layers, with one device-to-host copy.
+    """
+    events = (token_mask & ((positions + 1) % chunk_size == 0)).cpu()
+    schedule = []
+    for column in events.any(0).nonzero().flatten().tolist():
+        rows = events[:, column].nonzero().flatten()
+        schedule.append((column, None if rows.numel() == events.shape[0] else rows.to(token_mask.device)))
+    return schedule
+
+
 class AtlasMAGMemory(nn.Module):
     """Deep polynomial memory. Its parameters are the initial memory of every sequence; test-time learning
     updates per-sequence copies (`memory_forward` / `memory_loss_gradients` above), never these tensors."""
@@ -420,16 +462,14 @@ class AtlasMAGMemory(nn.Module):
         values: torch.Tensor,
         token_weights: torch.Tensor,
         token_mask: torch.Tensor,
-        positions: torch.Tensor,
         state: AtlasMAGLayerState,
-        ttl: bool,
-    ) -> tuple[torch.Tensor, MemoryState, MemoryState | None, dict[str, torch.Tensor]]:
-        """Read the memory at every new position and learn from every completed chunk.
+        schedule: list[TTLUpdate],
+    ) -> tuple[torch.Tensor, MemoryState, MemoryState | None, dict[str, torch.Tensor], torch.Tensor | None]:
+        """Read the memory at every new position and learn at every update of `schedule` (see `ttl_schedule`).
 
-        Token `t` of a sequence reads the memory after `floor(position_t / C)` updates; the update that follows
-        position `kC - 1` fits the last `omega_window` positions up to and including it. Chunks are counted per
-        sequence (its own positions), so a left-padded sequence learns exactly as it would alone.
-        Returns the output [B, T, hidden], the memory and momentum after the call, and the Omega-window history.
+        The update after column `c` fits the last `omega_window` positions up to and including `c`; tokens after
+        it read the updated memory. Returns the output [B, T, hidden], the memory and momentum after the call, the
+        Omega-window history and the gradient norms of the updates ([updated rows, n_params], or None).
         """
         config = self.config
         memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
@@ -440,25 +480,24 @@ class AtlasMAGMemory(nn.Module):
         window_valid = _append_history(state.omega_valid, token_mask, 1)
         past = window_queries.shape[1] - queries.shape[1]
 
-        events = token_mask & ((positions + 1) % config.ttl_chunk_size == 0)
-        event_columns = events.any(0).nonzero().flatten().tolist() if ttl else []
         outputs = []
+        gradient_norms = []
         start = 0
-        for column in event_columns:
+        for column, rows in schedule:
             outputs.append(memory_forward(memory, queries[:, start : column + 1], config)[0])
             start = column + 1
-            rows = events[:, column].nonzero().flatten()
-            window_end = past + column + 1
-            window_start = max(0, window_end - config.omega_window)
-            memory, momentum = self._learn(
+            window = slice(max(0, past + column + 1 - config.omega_window), past + column + 1)
+            selection = (slice(None), window) if rows is None else (rows, window)
+            memory, momentum, norms = self._learn(
                 memory,
                 momentum,
                 rows,
-                window_queries[rows, window_start:window_end],
-                window_values[rows, window_start:window_end],
-                window_weights[rows, window_start:window_end],
-                window_valid[rows, window_start:window_end],
+                window_queries[selection],
+                window_values[selection],
+                window_weights[selection],
+                window_valid[selection],
             )
+            gradient_norms.append(norms)
         if start < queries.shape[1]:
             outputs.append(memory_forward(memory, queries[:, start:], config)[0])
         keep = config.omega_window - 1
@@ -468,22 +507,22 @@ class AtlasMAGMemory(nn.Module):
             "omega_weights": _keep_last(window_weights, keep, 1),
             "omega_valid": _keep_last(window_valid, keep, 1),
         }
-        return torch.cat(outputs, dim=1), memory, momentum, history
+        norms = torch.cat(gradient_norms) if gradient_norms else None
+        return torch.cat(outputs, dim=1), memory, momentum, history, norms
 
     def _learn(
         self,
         memory: MemoryState,
         momentum: MemoryState | None,
-        rows: torch.Tensor,
+        rows: torch.Tensor | None,
         queries: torch.Tensor,
         values: torch.Tensor,
         weights: torch.Tensor,
         valid: torch.Tensor,
-    ) -> tuple[MemoryState, MemoryState]:
-        """One Omega-rule step for the sequences in `rows` (the others keep their memory)."""
+    ) -> tuple[MemoryState, MemoryState, torch.Tensor]:
+        """One Omega-rule step for the sequences in `rows` (None: all of them); the others keep their memory."""
         config = self.config
-        batch_size = next(iter(memory.values())).shape[0]
-        every_row = rows.numel() == batch_size
+        every_row = rows is None
         selected = memory if every_row else {name: value[rows] for name, value in memory.items()}
         selected_momentum = None
         if momentum is not None:
@@ -499,19 +538,14 @@ class AtlasMAGMemory(nn.Module):
                 learn_state = {name: value.detach() for name, value in selected.items()}
             grads, _ = memory_loss_gradients(learn_state, *inputs, config)
             steps, new_momentum, grad_norms = omega_update_steps(grads, selected_momentum, config)
-        if not torch.isfinite(grad_norms).all():
-            raise FloatingPointError(
-                f"Atlas-MAG layer {self.layer_idx}: the test-time-learning gradient of the memory is not finite "
-                "(NaN or inf). The memory state or the inputs hold NaNs; reset the cache or check the input."
-            )
         updated = {name: config.ttl_decay * selected[name] - steps[name] for name in selected}
         if every_row:
-            return updated, new_momentum
+            return updated, new_momentum, grad_norms
         if momentum is None:
             momentum = {name: torch.zeros_like(value) for name, value in memory.items()}
         merged_memory = {name: memory[name].index_copy(0, rows, updated[name]) for name in memory}
         merged_momentum = {name: momentum[name].index_copy(0, rows, new_momentum[name]) for name in momentum}
-        return merged_memory, merged_momentum
+        return merged_memory, merged_momentum, grad_norms
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -758,12 +792,14 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         layer_state: AtlasMAGLayerState | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        positions: torch.Tensor,
         token_mask: torch.Tensor,
-        ttl: bool,
+        schedule: list[TTLUpdate],
         memory_gate: bool = True,
-    ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
+    ) -> tuple[torch.Tensor, AtlasMAGLayerState, torch.Tensor | None]:
+        """Returns the new hidden states, the new layer state and the gradient norms of this call's TTL updates
+        (None if there were none)."""
         state = layer_state if layer_state is not None else AtlasMAGLayerState()
+        gradient_norms = None
         normed = self.input_norm(hidden_states)
         query, key, value = self.self_attn.project(normed, cos, sin)
         if not self.config.use_memory or not memory_gate:
@@ -778,8 +814,8 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
                 flat_keys = _append_history(state.qk_keys, _merge_heads(key), 1)
                 key_weights = _append_history(state.qk_weights, token_weights, 1)
                 memory_queries = qk_projection(_merge_heads(query), flat_keys, key_weights, self.config)
-                memory_output, memory, momentum, omega_history = self.memory.read_and_learn(
-                    memory_queries, _merge_heads(value), token_weights, token_mask, positions, state, ttl
+                memory_output, memory, momentum, omega_history, gradient_norms = self.memory.read_and_learn(
+                    memory_queries, _merge_heads(value), token_weights, token_mask, state, schedule
                 )
             if self.config.block_type == "mag":
                 attn_output, attn_history = self.self_attn.attend(query, key, value, token_mask, state)
@@ -798,7 +834,7 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
                 momentum=momentum,
             )
         hidden_states = hidden_states + self.mlp(self.post_attention_norm(hidden_states))
-        return hidden_states, new_state
+        return hidden_states, new_state, gradient_norms
 
 
 class AtlasMAGPreTrainedModel(PreTrainedModel):
@@ -868,7 +904,7 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         ttl: bool | None = None,
         memory_gate: bool = True,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
+    ) -> AtlasMAGModelOutput:
         r"""
         attention_mask (`torch.Tensor` of shape `(batch, past + new)` or `(batch, new)`, *optional*):
             1 for real tokens, 0 for padding. Padding is never attended to, never written into the memory, and
@@ -915,24 +951,47 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
             tokens_seen = torch.zeros(batch_size, dtype=torch.long, device=inputs_embeds.device)
         positions = (tokens_seen[:, None] + token_mask.long().cumsum(1) - 1).clamp(min=0)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        learns = ttl and memory_gate and self.config.use_memory
+        schedule = ttl_schedule(token_mask, positions, self.config.ttl_chunk_size) if learns else []
 
         hidden_states = inputs_embeds + self.w_init
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        new_states, gradient_norms = [], []
         for index, layer in enumerate(self.layers):
             layer_state = cache.layers[index].state if cache is not None else None
-            hidden_states, new_state = layer(
-                hidden_states, layer_state, cos, sin, positions, token_mask, ttl, memory_gate
+            hidden_states, new_state, norms = layer(
+                hidden_states, layer_state, cos, sin, token_mask, schedule, memory_gate
             )
-            if cache is not None:
-                cache.layers[index].state = new_state
+            new_states.append(new_state)
+            gradient_norms.append(norms)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
+        ttl_gradient_norms = self._check_ttl_gradients(gradient_norms) if schedule else None
+        # The cache changes only once the whole call has succeeded.
         if cache is not None:
+            for layer_cache, new_state in zip(cache.layers, new_states, strict=True):
+                layer_cache.state = new_state
             cache.advance(token_mask)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+        return AtlasMAGModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=cache,
+            hidden_states=all_hidden_states,
+            ttl_gradient_norms=ttl_gradient_norms,
         )
+
+    @staticmethod
+    def _check_ttl_gradients(gradient_norms: list[torch.Tensor]) -> torch.Tensor:
+        """Mean gradient norm of each layer's TTL updates [num_layers], after one check (one sync) that none
+        is NaN or infinite: a non-finite memory would silently poison every later token."""
+        means = torch.stack([norms.float().mean() for norms in gradient_norms])
+        if not torch.isfinite(means).all():
+            layer = next(i for i, value in enumerate(means.tolist()) if not math.isfinite(value))
+            raise FloatingPointError(
+                f"Atlas-MAG layer {layer}: the test-time-learning gradient of the memory is not finite (NaN or "
+                "inf). The memory state or the inputs hold NaNs; the cache was left as it was before this call."
+            )
+        return means.detach()
 
     @staticmethod
     def _token_mask(
@@ -999,7 +1058,7 @@ class AtlasMAGForCausalLM(AtlasMAGPreTrainedModel, GenerationMixin):
         ttl: bool | None = None,
         memory_gate: bool = True,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> AtlasMAGCausalLMOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch, length)`, *optional*):
             Targets for the next-token loss; shifted inside, -100 is ignored.
@@ -1029,16 +1088,19 @@ class AtlasMAGForCausalLM(AtlasMAGPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return AtlasMAGCausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            ttl_gradient_norms=outputs.ttl_gradient_norms,
         )
 
 
 __all__ = [
     "AtlasMAGCache",
+    "AtlasMAGCausalLMOutput",
+    "AtlasMAGModelOutput",
     "AtlasMAGForCausalLM",
     "AtlasMAGLayerState",
     "AtlasMAGModel",

@@ -343,6 +343,7 @@ def test_loss_follows_the_transformers_convention():
     out = model(ids, labels=labels)
     expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert out.ttl_gradient_norms.shape == (2,) and (out.ttl_gradient_norms > 0).all()
     assert torch.allclose(model(ids, logits_to_keep=3).logits, out.logits[:, -3:], atol=1e-6)
 
 
@@ -439,8 +440,15 @@ def test_nan_in_memory_is_caught():
     model = make_model()
     with torch.no_grad():
         model.model.layers[1].memory.poly_compress.weight[0, 0] = float("nan")
+    with torch.no_grad():
+        cache = model(torch.randint(0, 97, (1, 2))).past_key_values  # no update yet: finite
+    before = [t.clone() for layer in cache.layers for t in layer.state.tensors()]
     with pytest.raises(FloatingPointError, match="layer 1"):
-        model(torch.randint(0, 97, (1, 12)))
+        model(torch.randint(0, 97, (1, 12)), past_key_values=cache)
+    after = [t for layer in cache.layers for t in layer.state.tensors()]
+    assert cache.get_seq_length() == 2 and len(before) == len(after)
+    for a, b in zip(before, after, strict=True):  # a failed call leaves the cache as it was
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 # --------------------------------------------------------------------------------------------------- presets
