@@ -54,6 +54,8 @@ def wrap_backend_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
         add_bos_token=True,
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
+        # Batched generation pads prompts on the left, so every prompt ends where generation starts.
+        padding_side="left",
         **SPECIAL_TOKENS,
     )
 
