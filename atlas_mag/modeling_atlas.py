@@ -318,12 +318,14 @@ def memory_loss_gradients(
     targets: torch.Tensor,
     token_weights: torch.Tensor,
     config: AtlasMAGConfig,
+    forward: tuple[torch.Tensor, dict[str, Any]] | None = None,
 ) -> tuple[MemoryState, torch.Tensor]:
     """Analytic gradients of the Omega-rule loss of each sequence,
     L_b = sum_i w_bi ||Memory_b(q'_bi) - v_bi||^2 (Atlas eq. for the Omega rule with gamma weights),
     with respect to every memory parameter. Returns the gradients ([B, *shape]) and the losses [B].
+    `forward` is `memory_forward(state, queries, config, keep_activations=True)` when the caller has it already.
     """
-    output, act = memory_forward(state, queries, config, keep_activations=True)
+    output, act = forward if forward is not None else memory_forward(state, queries, config, keep_activations=True)
     residual = output - targets
     losses = (token_weights * residual.pow(2).sum(-1)).sum(-1)
     grad_output = 2.0 * token_weights[..., None] * residual
@@ -484,9 +486,13 @@ class AtlasMAGMemory(nn.Module):
         gradient_norms = []
         start = 0
         for column, rows in schedule:
-            outputs.append(memory_forward(memory, queries[:, start : column + 1], config)[0])
-            start = column + 1
             window = slice(max(0, past + column + 1 - config.omega_window), past + column + 1)
+            # When every row learns from exactly the positions it has just read (omega_window == ttl_chunk_size
+            # in a prefill), the read's forward pass is also the update's.
+            reuse = rows is None and window.start == past + start
+            read = memory_forward(memory, queries[:, start : column + 1], config, keep_activations=reuse)
+            outputs.append(read[0])
+            start = column + 1
             selection = (slice(None), window) if rows is None else (rows, window)
             memory, momentum, norms = self._learn(
                 memory,
@@ -496,6 +502,7 @@ class AtlasMAGMemory(nn.Module):
                 window_values[selection],
                 window_weights[selection],
                 window_valid[selection],
+                read if reuse else None,
             )
             gradient_norms.append(norms)
         if start < queries.shape[1]:
@@ -519,6 +526,7 @@ class AtlasMAGMemory(nn.Module):
         values: torch.Tensor,
         weights: torch.Tensor,
         valid: torch.Tensor,
+        forward: tuple[torch.Tensor, dict[str, Any]] | None = None,
     ) -> tuple[MemoryState, MemoryState, torch.Tensor]:
         """One Omega-rule step for the sequences in `rows` (None: all of them); the others keep their memory."""
         config = self.config
@@ -536,7 +544,7 @@ class AtlasMAGMemory(nn.Module):
             if not through_updates:
                 inputs = tuple(t.detach() for t in inputs)
                 learn_state = {name: value.detach() for name, value in selected.items()}
-            grads, _ = memory_loss_gradients(learn_state, *inputs, config)
+            grads, _ = memory_loss_gradients(learn_state, *inputs, config, forward)
             steps, new_momentum, grad_norms = omega_update_steps(grads, selected_momentum, config)
         updated = {name: config.ttl_decay * selected[name] - steps[name] for name in selected}
         if every_row:
