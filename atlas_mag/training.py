@@ -642,6 +642,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         disable=not (is_main and logging.progress_bar),
     )
     interval_loss = torch.zeros((), device=accelerator.device)
+    interval_ttl_norm = torch.zeros((), device=accelerator.device)
     interval_steps, interval_start = 0, time.perf_counter()
     last_checkpoint = checkpoint
     for step in range(start_step + 1, stop_step + 1):
@@ -649,13 +650,16 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         for _ in range(loop.gradient_accumulation_steps):
             batch = next(train_batches).to(accelerator.device)
             with accelerator.accumulate(model):
-                loss = causal_lm_loss(model(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+                outputs = model(input_ids=batch[:, :-1])
+                loss = causal_lm_loss(outputs.logits, batch[:, 1:])
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), loop.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad()
             interval_loss += loss.detach() / loop.gradient_accumulation_steps
+            if outputs.ttl_gradient_norms is not None:
+                interval_ttl_norm += outputs.ttl_gradient_norms.mean() / loop.gradient_accumulation_steps
         scheduler.step()
         tokens_seen += tokens_per_step
         interval_steps += 1
@@ -672,10 +676,13 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
                 "tokens_per_second": interval_steps * tokens_per_step / elapsed,
                 "tokens_seen": tokens_seen,
                 "epoch": train_windows.epoch,
+                # Mean norm of the memory gradients of the test-time updates made during the training forwards.
+                "ttl_gradient_norm": accelerator.reduce(interval_ttl_norm, reduction="mean").item() / interval_steps,
             }
             record(step, metrics)
             progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{learning_rate:.2e}")
             interval_loss.zero_()
+            interval_ttl_norm.zero_()
             interval_steps, interval_start = 0, time.perf_counter()
         if (logging.eval_every and step % logging.eval_every == 0) or step == loop.max_steps:
             metrics = evaluate(model, validation_windows, eval_batch_size, accelerator)
@@ -741,6 +748,7 @@ METRIC_PANELS = (
     ("tokens / s", ("tokens_per_second",)),
     ("TTL gain (val loss off - on)", ("val_ttl_gain",)),
     ("TTL memory update norm", ("ttl_memory_update_norm",)),
+    ("TTL memory gradient norm", ("ttl_gradient_norm",)),
 )
 
 

@@ -134,8 +134,9 @@ def test_training_lowers_validation_loss_and_exports_a_loadable_model(uninterrup
     assert validations[-1]["val_loss"] < validations[0]["val_loss"] - 0.3
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
-    for key in ("perplexity", "lr", "grad_norm", "tokens_per_second", "tokens_seen"):
+    for key in ("perplexity", "lr", "grad_norm", "tokens_per_second", "tokens_seen", "ttl_gradient_norm"):
         assert all(key in r for r in steps), key
+    assert all(r["ttl_gradient_norm"] > 0 for r in steps)
     assert steps[-1]["tokens_seen"] == 12 * 2 * 2 * 64
     assert {"val_loss_ttl_off", "val_ttl_gain", "ttl_memory_update_norm"} <= set(validations[-1])
     assert validations[-1]["ttl_memory_update_norm"] > 0
