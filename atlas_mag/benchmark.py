@@ -372,10 +372,14 @@ def measure_training(
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
+    return _throughput(times, first_call_s, peak, grid.batch_size * length)
+
+
+def _throughput(times: list[float], first_call_s: float, peak: int | None, tokens: int) -> dict[str, Any]:
     seconds = statistics.median(times)
     return {
         "seconds": seconds,
-        "tokens_per_s": grid.batch_size * length / seconds,
+        "tokens_per_s": tokens / seconds,
         "peak_memory_bytes": peak,
         "first_call_seconds": _finite_or_none(first_call_s),
     }
@@ -392,13 +396,7 @@ def measure_prefill(
             return variant(input_ids=ids, use_cache=True, logits_to_keep=1)
 
     times, first_call_s, peak = _repeat_timed(step, grid, device)
-    seconds = statistics.median(times)
-    return {
-        "seconds": seconds,
-        "tokens_per_s": grid.batch_size * length / seconds,
-        "peak_memory_bytes": peak,
-        "first_call_seconds": _finite_or_none(first_call_s),
-    }
+    return _throughput(times, first_call_s, peak, grid.batch_size * length)
 
 
 def measure_decode(
