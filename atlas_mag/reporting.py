@@ -1,0 +1,54 @@
+"""Writing results: JSON, Markdown tables and matplotlib figures, each written to a temporary file beside the
+target and renamed into place, so an interrupted run never leaves a truncated file where a good one was."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure drawn by the Agg canvas: no pyplot, no display, no global figure state."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def save_figure(figure: Any, path: str | Path) -> Path:
+    """Save a figure from `new_figure` as PNG (atomically)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(str(cell) for cell in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
