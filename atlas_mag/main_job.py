@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ class MainJobSettings:
     task: RecallTask | None = None
     eval_sequences: int = 256
     gap_multiples: tuple[int, ...] = (1, 2, 4, 8)
+    # Seeds train in parallel processes, one thread each (0: one per CPU core, at most one per seed).
+    workers: int = 0
     overwrite: bool = True
 
 
@@ -125,8 +128,9 @@ def run_main_job(settings: MainJobSettings) -> dict[str, Any]:
         settings.recipe.steps,
     )
     eval_gaps = sorted({max(task.gap, reach) * multiple for multiple in settings.gap_multiples})
+    workers = settings.workers or min(len(settings.seeds), os.cpu_count() or 1)
     summary, models = recall_experiment(
-        task, config, settings.recipe, settings.seeds, settings.eval_sequences, eval_gaps
+        task, config, settings.recipe, settings.seeds, settings.eval_sequences, eval_gaps, workers=workers
     )
 
     model_dir = output_dir / "atlas-mag-recall"

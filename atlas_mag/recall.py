@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -51,9 +53,9 @@ class RecallTask:
     num_keys: int = 32
     num_values: int = 32
     num_filler: int = 16
-    num_pairs: int = 4
-    num_queries: int = 4
-    gap: int = 16
+    num_pairs: int = 2
+    num_queries: int = 2
+    gap: int = 8
 
     def __post_init__(self) -> None:
         for name in ("num_keys", "num_values", "num_filler", "num_pairs", "num_queries"):
@@ -147,14 +149,14 @@ RECALL_MODEL_DEFAULTS: dict[str, Any] = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     intermediate_size=128,
-    sliding_window=8,
+    sliding_window=4,
     memory_key_dim=16,
     memory_expansion=2,
     poly_rank=64,
-    omega_window=8,
+    omega_window=4,
     gamma_gate_hidden_size=16,
     qk_normalizer_scale=0.05,
-    ttl_chunk_size=4,
+    ttl_chunk_size=2,
     ttl_lr=0.1,
     memory_optimizer="gd",
     ttl_backprop_through_updates=True,
@@ -179,14 +181,14 @@ class TrainingRecipe:
     training loss. The choice sees training loss only, never evaluation data. `candidates=1` is a plain run.
     """
 
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 16
     learning_rate: float = 1e-2
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
-    candidates: int = 3
+    candidates: int = 1
     probe_steps: int = 300
     slice_steps: int = 25
     escape_fraction: float = 0.75
@@ -243,7 +245,7 @@ def train_recall(
     Returns the model (in eval mode) and the training log: one entry per slice and candidate."""
     task.check_beyond_reach(config)
     candidates = [
-        RecallTrainer(task, config, recipe, seed=recipe.seed * 1000 + index) for index in range(recipe.candidates)
+        RecallTrainer(task, config, recipe, seed=recipe.seed + 1000 * index) for index in range(recipe.candidates)
     ]
     escaped = recipe.escape_fraction * math.log(task.num_values)
     history: list[dict[str, float]] = []
@@ -268,7 +270,11 @@ def train_recall(
     index, chosen = next(iter(active.items()))
     while chosen.step < recipe.steps:
         loss = train_slice(index, chosen)
-        logger.info("recall step %d/%d loss %.4f (%.0fs)", chosen.step, recipe.steps, loss, history[-1]["seconds"])
+        if chosen.step % 100 == 0 or chosen.step == recipe.steps:
+            logger.info(
+                "recall seed %d step %d/%d loss %.4f (%.0fs)",
+                recipe.seed, chosen.step, recipe.steps, loss, history[-1]["seconds"],
+            )
     return chosen.model.eval(), history
 
 
@@ -324,6 +330,32 @@ def binomial_std(probability: float, trials: int) -> float:
     return math.sqrt(probability * (1.0 - probability) / trials)
 
 
+def _train_and_evaluate(
+    task: RecallTask, config: AtlasMAGConfig, recipe: TrainingRecipe, eval_sequences: int, eval_gaps: Sequence[int]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One seed of `recall_experiment`: train, evaluate; returns the run's summary and the trained weights."""
+    model, history = train_recall(task, config, recipe)
+    run: dict[str, Any] = {
+        "seed": recipe.seed,
+        "accuracy": evaluate_recall(model, task, eval_sequences),
+        "chosen_candidate": int(history[-1]["candidate"]),
+        "history": history,
+    }
+    if eval_gaps:
+        run["by_gap"] = {
+            str(gap): evaluate_recall(model, replace(task, gap=gap), eval_sequences, conditions=TTL_SETTINGS)
+            for gap in eval_gaps
+        }
+    logger.info("seed %d: %s", recipe.seed, {key: round(value, 3) for key, value in run["accuracy"].items()})
+    return run, model.state_dict()
+
+
+def _worker_setup() -> None:
+    # One thread per worker: the workers are the parallelism (training is bitwise the same with 1 or 2 threads).
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
 def recall_experiment(
     task: RecallTask,
     config: AtlasMAGConfig,
@@ -331,25 +363,25 @@ def recall_experiment(
     seeds: Sequence[int] = (0, 1, 2),
     eval_sequences: int = 256,
     eval_gaps: Sequence[int] = (),
+    workers: int = 1,
 ) -> tuple[dict[str, Any], list[AtlasMAGForCausalLM]]:
-    """Train one model per seed, evaluate each with TTL on, off and the memory gate removed (and, for every gap in
-    `eval_gaps`, with the queries that far from the pairs). Returns a JSON-ready summary and the models."""
+    """Train one model per seed and evaluate each with TTL on, off and the memory gate removed (and, for every gap
+    in `eval_gaps`, with the queries that far from the pairs). `workers > 1` trains seeds in parallel processes.
+    Returns a JSON-ready summary and the models."""
+    task.check_beyond_reach(config)
+    jobs = [(task, config, replace(recipe, seed=seed), eval_sequences, list(eval_gaps)) for seed in seeds]
+    if workers > 1 and len(jobs) > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_worker_setup) as pool:
+            results = list(pool.map(_train_and_evaluate, *zip(*jobs, strict=True)))
+    else:
+        results = [_train_and_evaluate(*job) for job in jobs]
     runs, trained = [], []
-    for seed in seeds:
-        model, history = train_recall(task, config, replace(recipe, seed=seed))
-        run: dict[str, Any] = {
-            "seed": seed,
-            "accuracy": evaluate_recall(model, task, eval_sequences),
-            "history": history,
-        }
-        if eval_gaps:
-            run["by_gap"] = {
-                str(gap): evaluate_recall(model, replace(task, gap=gap), eval_sequences, conditions=TTL_SETTINGS)
-                for gap in eval_gaps
-            }
-        logger.info("seed %d: %s", seed, {key: round(value, 3) for key, value in run["accuracy"].items()})
+    for run, state in results:
+        model = AtlasMAGForCausalLM(config)
+        model.load_state_dict(state)
         runs.append(run)
-        trained.append(model)
+        trained.append(model.eval())
     summary = {
         condition: mean_and_std([run["accuracy"][condition] for run in runs]) for condition in CONDITIONS
     }

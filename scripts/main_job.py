@@ -16,6 +16,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one trained model per seed")
     parser.add_argument("--steps", type=int, default=TrainingRecipe.steps, help="training steps per seed")
     parser.add_argument("--eval-sequences", type=int, default=256, help="test sequences per seed and condition")
+    parser.add_argument("--workers", type=int, default=0, help="parallel training processes (0: one per core)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     settings = MainJobSettings(
@@ -23,6 +24,7 @@ def main() -> None:
         seeds=tuple(args.seeds),
         recipe=TrainingRecipe(steps=args.steps),
         eval_sequences=args.eval_sequences,
+        workers=args.workers,
     )
     print(format_report(run_main_job(settings)))
 
