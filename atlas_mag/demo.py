@@ -41,9 +41,9 @@ def load_model_folder(
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of `text`, starting with BOS when the tokenizer has one (the model was trained on
-    `<bos> text <eos>` documents)."""
+    `<bos> text <eos>` documents) and the text does not already start with it."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
         ids = [tokenizer.bos_token_id] + ids
     if not ids:
         raise ValueError(f"the prompt {text!r} encodes to no tokens")

@@ -97,20 +97,25 @@ def plot_recall_by_gap(summary: dict[str, Any], path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def serve_one_query(model_dir: Path, task: RecallTask, seed: int = 7) -> dict[str, Any]:
-    """Reload the saved folder as a user would and answer one query with `pipeline("text-generation")`."""
+def serve_queries(model_dir: Path, task: RecallTask, count: int = 8, seed: int = 7) -> dict[str, Any]:
+    """Reload the saved folder as a user would and answer `count` fresh queries (each the first query of a new
+    sequence) with `pipeline("text-generation")`, TTL on and off."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    input_ids, labels = task.sample(1, torch.Generator().manual_seed(seed))
-    first_answer = int((labels[0] != -100).nonzero()[0])
-    prompt = tokenizer.decode(input_ids[0, :first_answer])
-    expected = tokenizer.convert_ids_to_tokens(int(input_ids[0, first_answer]))
+    input_ids, labels = task.sample(count, torch.Generator().manual_seed(seed))
+    first_answer = int((labels[0] != -100).nonzero()[0])  # the same position in every sequence
+    prompts = [tokenizer.decode(row[:first_answer]) for row in input_ids]
+    expected = tokenizer.convert_ids_to_tokens(input_ids[:, first_answer].tolist())
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=-1)
     answers = {}
     for setting, ttl in (("ttl_on", True), ("ttl_off", False)):
-        output = generator(prompt, max_new_tokens=1, do_sample=False, return_full_text=False, ttl=ttl)
-        answers[setting] = output[0]["generated_text"].strip()
-    return {"prompt": prompt, "expected": expected, "answers": answers, "model": model}
+        outputs = generator(prompts, max_new_tokens=1, do_sample=False, return_full_text=False, ttl=ttl)
+        answers[setting] = [output[0]["generated_text"].strip() for output in outputs]
+    correct = {
+        setting: sum(answer == target for answer, target in zip(given, expected, strict=True))
+        for setting, given in answers.items()
+    }
+    return {"prompts": prompts, "expected": expected, "answers": answers, "correct": correct, "model": model}
 
 
 def run_main_job(settings: MainJobSettings) -> dict[str, Any]:
@@ -133,11 +138,15 @@ def run_main_job(settings: MainJobSettings) -> dict[str, Any]:
         task, config, settings.recipe, settings.seeds, settings.eval_sequences, eval_gaps, workers=workers
     )
 
+    # The folder gets the seed whose training ended with the lowest loss (training data only, no test peeking).
+    final_losses = [run["history"][-1]["loss"] for run in summary["runs"]]
+    saved = min(range(len(final_losses)), key=final_losses.__getitem__)
+    summary["saved_seed"] = settings.seeds[saved]
     model_dir = output_dir / "atlas-mag-recall"
     tokenizer = build_tokenizer(task)
-    accuracy = summary["runs"][0]["accuracy"]
+    accuracy = summary["runs"][saved]["accuracy"]
     card = hub.render_model_card(
-        models[0],
+        models[saved],
         title="Atlas-MAG, associative recall demo",
         summary=(
             "A tiny Atlas-MAG trained from scratch on multi-query associative recall whose queries lie beyond its "
@@ -145,14 +154,14 @@ def run_main_job(settings: MainJobSettings) -> dict[str, Any]:
             f"without (chance {task.chance:.1%})."
         ),
         provenance=(
-            f"Trained by `make main` (atlas_mag.main_job), seed {settings.seeds[0]}, {settings.recipe.steps} AdamW "
+            f"Trained by `make main` (atlas_mag.main_job), seed {settings.seeds[saved]}, {settings.recipe.steps} AdamW "
             f"steps of batch {settings.recipe.batch_size} on synthetic sequences ({task})."
         ),
         datasets=[],
     )
-    hub.save_model_folder(models[0], model_dir, tokenizer=tokenizer, card=card, overwrite=settings.overwrite)
+    hub.save_model_folder(models[saved], model_dir, tokenizer=tokenizer, card=card, overwrite=settings.overwrite)
 
-    served = serve_one_query(model_dir, task)
+    served = serve_queries(model_dir, task)
     reloaded_accuracy = evaluate_recall(served.pop("model"), task, settings.eval_sequences)
     if abs(reloaded_accuracy["ttl_on"] - accuracy["ttl_on"]) > 1e-9:
         raise RuntimeError(
@@ -192,11 +201,13 @@ def format_report(result: dict[str, Any]) -> str:
         on = [run["by_gap"][str(gap)]["ttl_on"] for run in summary["runs"]]
         off = [run["by_gap"][str(gap)]["ttl_off"] for run in summary["runs"]]
         lines.append(f"    gap {gap:4d}: TTL on {sum(on) / len(on):.3f}, TTL off {sum(off) / len(off):.3f}")
+    count = len(served["expected"])
     lines += [
-        f"  served through pipeline('text-generation') from {result['files']['model']}:",
-        f"    prompt ...{served['prompt'][-60:]!r}",
-        f"    expected {served['expected']}; TTL on -> {served['answers']['ttl_on']!r}, "
-        f"TTL off -> {served['answers']['ttl_off']!r}",
+        f"  served through pipeline('text-generation') from {result['files']['model']} (seed {summary['saved_seed']}):",
+        f"    {count} fresh queries, correct: TTL on {served['correct']['ttl_on']}/{count}, "
+        f"TTL off {served['correct']['ttl_off']}/{count}",
+        f"    e.g. {served['prompts'][0]!r} -> expected {served['expected'][0]}, "
+        f"TTL on {served['answers']['ttl_on'][0]}, TTL off {served['answers']['ttl_off'][0]}",
         "  written:",
     ]
     lines += [f"    {name}: {path}" for name, path in result["files"].items()]

@@ -62,9 +62,10 @@ def filler_sentence(rng: random.Random) -> str:
     return f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(ENDINGS)}."
 
 
-def default_lengths(sliding_window: int) -> list[int]:
-    """From half the attention window to eight times it."""
-    return [sliding_window // 2, sliding_window, 2 * sliding_window, 4 * sliding_window, 8 * sliding_window]
+def default_lengths(sliding_window: int, shortest: int = 1) -> list[int]:
+    """From half the attention window to eight times it, leaving out lengths below `shortest`."""
+    lengths = [sliding_window // 2, sliding_window, 2 * sliding_window, 4 * sliding_window, 8 * sliding_window]
+    return [length for length in lengths if length >= shortest]
 
 
 @dataclass
@@ -85,6 +86,19 @@ class NeedlePrompt:
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def shortest_context(tokenizer: PreTrainedTokenizerBase, num_digits: int = 6) -> int:
+    """A context length that fits BOS, the needle and the question for every name, with a few tokens to spare for
+    numbers that tokenize longer than the probe."""
+    prefix = 1 if tokenizer.bos_token_id is not None else 0
+    probe = "9" * num_digits
+    longest = max(
+        len(_encode(tokenizer, f" The secret number for {name} is {probe}."))
+        + len(_encode(tokenizer, f" What is the secret number for {name}? The secret number for {name} is"))
+        for name in NAMES
+    )
+    return prefix + longest + 4
 
 
 def build_prompt(
@@ -191,7 +205,14 @@ def run_niah(
         raise ValueError(f"unknown condition(s) {unknown}; expected a subset of {CONDITIONS}")
     if samples_per_cell < 1:
         raise ValueError(f"samples_per_cell must be >= 1, got {samples_per_cell}")
-    lengths = list(lengths) if lengths else default_lengths(model.config.sliding_window)
+    if not lengths:
+        lengths = default_lengths(model.config.sliding_window, shortest_context(tokenizer))
+        if not lengths:
+            raise ValueError(
+                f"every default context length is too short for the needle and question "
+                f"({shortest_context(tokenizer)} tokens); pass lengths explicitly"
+            )
+    lengths = list(lengths)
     model.eval()
     cells = []
     grid = [(length, depth) for length in lengths for depth in depths]
