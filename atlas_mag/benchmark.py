@@ -32,7 +32,6 @@ import re
 import statistics
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,6 +45,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .configuration_atlas import AtlasMAGConfig
 from .modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
+from .reporting import atomic_write_bytes, write_text
 
 ATLAS_TTL_ON = "atlas_ttl_on"
 ATLAS_TTL_OFF = "atlas_ttl_off"
@@ -848,36 +848,22 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
     meta = results["meta"]
     figure.suptitle(f"Atlas-MAG vs same-size Llama — {meta['device']}, {meta['dtype']}")
     figure.tight_layout()
-    _atomic_write(Path(path), lambda temp: figure.savefig(temp, format="png", dpi=110))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary file in the same folder, so no half-written file is left."""
-    _atomic_write(Path(path), lambda temp: temp.write_text(text))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _short_length(length: int) -> str:
     return f"{length // 1024}k" if length >= 1024 and length % 1024 == 0 else str(length)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name beside the target (same file system, so the rename is atomic), created with the umask.
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(temp)
-        temp.replace(path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def write_report(results: dict[str, Any], output_dir: str | Path, stem: str = "benchmark_speed") -> dict[str, Path]:
     """Write `<stem>.json`, `<stem>.md` and `<stem>.png` into `output_dir` (each via a temporary file)."""
     output_dir = Path(output_dir)
     paths = {kind: output_dir / f"{stem}.{kind}" for kind in ("json", "md", "png")}
-    atomic_write_text(paths["json"], json.dumps(results, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(paths["md"], render_markdown(results))
+    write_text(paths["json"], json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_text(paths["md"], render_markdown(results))
     plot_results(results, paths["png"])
     return paths
 

@@ -20,7 +20,6 @@ from atlas_mag import AtlasMAGConfig  # noqa: E402
 from atlas_mag.benchmark import (  # noqa: E402
     FULL_GRID,
     QUICK_GRID,
-    atomic_write_text,
     override_grid,
     profile_atlas,
     quick_config,
@@ -28,6 +27,7 @@ from atlas_mag.benchmark import (  # noqa: E402
     run_benchmark,
     write_report,
 )
+from atlas_mag.reporting import write_text  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,7 +100,7 @@ def main() -> None:
     if args.profile:
         profile = profile_atlas(config, max(grid.prefill_lengths), grid.decode_tokens, args.device, dtype)
         paths["profile"] = args.output_dir / "benchmark_speed_profile.txt"
-        atomic_write_text(paths["profile"], profile)
+        write_text(paths["profile"], profile)
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
 
