@@ -24,6 +24,13 @@ DEFAULT_PROMPTS = (
     "def fibonacci(n):\n    ",
 )
 SETTINGS = {"on": True, "off": False}
+# The model's per-call switches behind each condition of the NIAH and recall evaluations. "gate_removed" takes the
+# memory out of every block (MAG: `x + attn(x)`), so only attention can carry information.
+CONDITIONS: dict[str, dict[str, bool]] = {
+    "ttl_on": {"ttl": True},
+    "ttl_off": {"ttl": False},
+    "gate_removed": {"ttl": False, "memory_gate": False},
+}
 
 
 def load_model_folder(
@@ -79,6 +86,27 @@ def prompt_perplexity(model: PreTrainedModel, input_ids: torch.Tensor, ttl: bool
 
 
 @torch.inference_mode()
+def greedy_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    **switches: bool,
+) -> list[int]:
+    """The greedy continuation of one prompt (`input_ids` [1, L]) by `generate`, as a server would run it;
+    `switches` are the model's per-call switches (`ttl`, `memory_gate`). Returns the new token ids."""
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **switches,
+    )
+    return output[0, input_ids.shape[1] :].tolist()
+
+
+@torch.inference_mode()
 def generate_with(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int, ttl: bool
 ) -> GenerationResult:
@@ -88,17 +116,9 @@ def generate_with(
     perplexity = prompt_perplexity(model, ids, ttl)
     _synchronize(device)
     start = time.perf_counter()
-    output = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        ttl=ttl,
-    )
+    new_ids = greedy_generate(model, tokenizer, ids, max_new_tokens, ttl=ttl)
     _synchronize(device)
     seconds = time.perf_counter() - start
-    new_ids = output[0, ids.shape[1] :].tolist()
     return GenerationResult(
         ttl=ttl,
         prompt_tokens=ids.shape[1],

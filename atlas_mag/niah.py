@@ -7,8 +7,8 @@ the question and the start of the answer ("... The secret number for <name> is")
 
 - `ttl_on`: test-time learning on (the memory learns from the prompt while reading it);
 - `ttl_off`: the memory keeps the weights stored in the model (`generate(..., ttl=False)`);
-- `gate_removed`: the memory is bypassed (`atlas_mag.ablations.memory_gate_removed`): every block is
-  `x + gate * attn(x)` with a constant gate, so only the sliding window can carry the needle.
+- `gate_removed`: the memory is taken out of every block (`generate(..., memory_gate=False)`): each block is
+  `x + attn(x)`, so only the sliding window can carry the needle.
 
 Filler and needles come from a seeded generator (no files, no network): the same seed gives the same prompts.
 """
@@ -27,12 +27,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .ablations import memory_gate_removed
+from .demo import CONDITIONS, greedy_generate
 from .reporting import markdown_table, new_figure, save_figure, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-CONDITIONS = ("ttl_on", "ttl_off", "gate_removed")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 NAMES = (
@@ -151,40 +150,19 @@ def is_correct(generated: str, answer: str) -> bool:
     return first_number(generated) == answer
 
 
-@torch.inference_mode()
-def greedy_answer(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[int], max_new_tokens: int, ttl: bool
-) -> str:
-    device = next(model.parameters()).device
-    ids = torch.tensor([input_ids], device=device)
-    output = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        ttl=ttl,
-    )
-    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
-
-
 def answer_under(
     condition: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompt: NeedlePrompt,
     max_new_tokens: int,
-    removed_gate: float = 1.0,
 ) -> str:
     """The greedy answer to `prompt` under one of `CONDITIONS`."""
-    if condition == "ttl_on":
-        return greedy_answer(model, tokenizer, prompt.input_ids, max_new_tokens, ttl=True)
-    if condition == "ttl_off":
-        return greedy_answer(model, tokenizer, prompt.input_ids, max_new_tokens, ttl=False)
-    if condition == "gate_removed":
-        with memory_gate_removed(model, gate=removed_gate):
-            return greedy_answer(model, tokenizer, prompt.input_ids, max_new_tokens, ttl=False)
-    raise ValueError(f"unknown condition {condition!r}; expected one of {CONDITIONS}")
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; expected one of {tuple(CONDITIONS)}")
+    ids = torch.tensor([prompt.input_ids], device=next(model.parameters()).device)
+    new_ids = greedy_generate(model, tokenizer, ids, max_new_tokens, **CONDITIONS[condition])
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 def run_niah(
@@ -193,16 +171,15 @@ def run_niah(
     lengths: Sequence[int] | None = None,
     depths: Sequence[float] = DEFAULT_DEPTHS,
     samples_per_cell: int = 3,
-    conditions: Sequence[str] = CONDITIONS,
+    conditions: Sequence[str] = tuple(CONDITIONS),
     seed: int = 0,
     max_new_tokens: int = 12,
-    removed_gate: float = 1.0,
 ) -> dict[str, Any]:
     """Score every (condition, length, depth) cell on `samples_per_cell` prompts; the prompts of a cell are the
     same under every condition. Returns a JSON-ready dict (see `write_niah_report`)."""
     unknown = [condition for condition in conditions if condition not in CONDITIONS]
     if unknown:
-        raise ValueError(f"unknown condition(s) {unknown}; expected a subset of {CONDITIONS}")
+        raise ValueError(f"unknown condition(s) {unknown}; expected a subset of {tuple(CONDITIONS)}")
     if samples_per_cell < 1:
         raise ValueError(f"samples_per_cell must be >= 1, got {samples_per_cell}")
     if not lengths:
@@ -223,7 +200,7 @@ def run_niah(
         ]
         for condition in conditions:
             answers = [
-                answer_under(condition, model, tokenizer, prompt, max_new_tokens, removed_gate) for prompt in prompts
+                answer_under(condition, model, tokenizer, prompt, max_new_tokens) for prompt in prompts
             ]
             correct = [is_correct(answer, prompt.answer) for answer, prompt in zip(answers, prompts, strict=True)]
             cells.append(
@@ -260,7 +237,6 @@ def run_niah(
         "samples_per_cell": samples_per_cell,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
-        "removed_gate": removed_gate,
         "cells": cells,
     }
 

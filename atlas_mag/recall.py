@@ -29,15 +29,14 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from .ablations import memory_gate_removed
 from .configuration_atlas import AtlasMAGConfig
+from .demo import CONDITIONS
 from .modeling_atlas import AtlasMAGForCausalLM
 
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 BOS_ID = SPECIAL_TOKENS.index("<bos>")
-CONDITIONS = ("ttl_on", "ttl_off", "gate_removed")
 TTL_SETTINGS = ("ttl_on", "ttl_off")
 
 
@@ -284,18 +283,14 @@ def recall_accuracy(
 ) -> float:
     """Fraction of queried values predicted (argmax over the whole vocabulary) under `condition`."""
     if condition not in CONDITIONS:
-        raise ValueError(f"unknown condition {condition!r}; expected one of {CONDITIONS}")
+        raise ValueError(f"unknown condition {condition!r}; expected one of {tuple(CONDITIONS)}")
     model.eval()
     device = next(model.parameters()).device
     correct = total = 0
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         targets = labels[start : start + batch_size, 1:].to(device)
-        if condition == "gate_removed":
-            with memory_gate_removed(model):
-                logits = model(ids, ttl=False, use_cache=False).logits
-        else:
-            logits = model(ids, ttl=condition == "ttl_on", use_cache=False).logits
+        logits = model(ids, use_cache=False, **CONDITIONS[condition]).logits
         scored = targets != -100
         correct += (logits[:, :-1].argmax(-1)[scored] == targets[scored]).sum().item()
         total += scored.sum().item()

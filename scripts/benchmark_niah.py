@@ -22,7 +22,6 @@ def main() -> None:
     parser.add_argument("--depths", default=",".join(str(depth) for depth in DEFAULT_DEPTHS))
     parser.add_argument("--samples", type=int, default=3, help="prompts per cell")
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
-    parser.add_argument("--removed-gate", type=float, default=1.0, help="the constant gate of gate_removed")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/niah"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=12)
@@ -39,7 +38,6 @@ def main() -> None:
         conditions=args.conditions.split(","),
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
-        removed_gate=args.removed_gate,
     )
     results["model"] = str(args.model)
     written = write_niah_report(results, args.output_dir)

@@ -11,16 +11,16 @@ from conftest import tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from atlas_mag import AtlasMAGForCausalLM
-from atlas_mag.ablations import memory_gate_removed
 from atlas_mag.demo import run_demo
 from atlas_mag.main_job import MainJobSettings, run_main_job
-from atlas_mag.niah import CONDITIONS, build_prompt, is_correct, run_niah, write_niah_report
+from atlas_mag.niah import CONDITIONS, answer_under, build_prompt, is_correct, run_niah, write_niah_report
 from atlas_mag.recall import (
     RecallTask,
     TrainingRecipe,
     binomial_std,
     build_tokenizer,
     evaluate_recall,
+    recall_accuracy,
     recall_model_config,
     receptive_field,
     train_recall,
@@ -93,34 +93,28 @@ def test_demo_rejects_unknown_setting():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_gate_removed_is_the_attention_only_model_and_is_undone():
-    """With the gate at 1 every block is `x + attn(x)`: exactly the use_memory=False model with the same weights."""
-    config = tiny_config()
+def test_gate_removed_is_the_attention_only_model(bpe_tokenizer):
+    """The `gate_removed` condition answers exactly as the use_memory=False model with the same weights, in NIAH
+    (through `generate`) and in recall (one forward). That it differs from the gated model: test_model.py."""
+    config = tiny_config(vocab_size=len(bpe_tokenizer))
+    torch.manual_seed(0)
     model = AtlasMAGForCausalLM(config).eval()
-    attention_only = AtlasMAGForCausalLM(tiny_config(use_memory=False)).eval()
+    attention_only = AtlasMAGForCausalLM(tiny_config(vocab_size=len(bpe_tokenizer), use_memory=False)).eval()
     missing, unexpected = attention_only.load_state_dict(model.state_dict(), strict=False)
     assert not missing and unexpected  # only the memory and gamma-gate weights are left out
-    ids = torch.randint(4, config.vocab_size, (2, 40))
-    with torch.no_grad():
-        before = model(ids).logits
-        with memory_gate_removed(model):
-            removed = model(ids, ttl=False).logits
-            removed_with_ttl = model(ids, ttl=True).logits
-        after = model(ids).logits
-        reference = attention_only(ids).logits
-        with memory_gate_removed(model, gate=0.5):
-            half = model(ids, ttl=False).logits
-    torch.testing.assert_close(removed, reference)
-    torch.testing.assert_close(removed_with_ttl, reference)
-    torch.testing.assert_close(after, before, rtol=0, atol=0)
-    assert not torch.allclose(removed, before)
-    assert not torch.allclose(half, removed)
-    with pytest.raises(ValueError, match="gate"):
-        with memory_gate_removed(model, gate=0.0):
-            pass
-    with pytest.raises(ValueError, match="no memory"):
-        with memory_gate_removed(attention_only):
-            pass
+    prompt = build_prompt(bpe_tokenizer, 48, 0.5, random.Random(1))
+    removed = answer_under("gate_removed", model, bpe_tokenizer, prompt, 6)
+    assert removed == answer_under("ttl_off", attention_only, bpe_tokenizer, prompt, 6)
+    with pytest.raises(ValueError, match="unknown condition"):
+        answer_under("sideways", model, bpe_tokenizer, prompt, 6)
+
+    task = RecallTask()
+    recall_model = AtlasMAGForCausalLM(recall_model_config(task)).eval()
+    recall_attention_only = AtlasMAGForCausalLM(recall_model_config(task, use_memory=False)).eval()
+    recall_attention_only.load_state_dict(recall_model.state_dict(), strict=False)
+    ids, labels = task.sample(64, torch.Generator().manual_seed(0))
+    removed_accuracy = recall_accuracy(recall_model, ids, labels, "gate_removed")
+    assert removed_accuracy == recall_accuracy(recall_attention_only, ids, labels, "ttl_off")
 
 
 # --------------------------------------------------------------------------------------------------------------
