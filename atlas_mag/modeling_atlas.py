@@ -18,6 +18,7 @@ This file is copied next to published weights: it imports only `transformers`, `
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
@@ -207,10 +208,13 @@ MemoryState = dict[str, torch.Tensor]
 
 
 @lru_cache(maxsize=32)
+@torch.compiler.assume_constant_result
 def monomial_indices(key_dim: int, degree: int, device: torch.device) -> torch.Tensor:
     """Index tuples of the degree-`degree` monomials, [F, degree], in combinations-with-replacement order
-    (for degree 2 this is `torch.triu_indices(key_dim, key_dim)` order)."""
-    return torch.combinations(torch.arange(key_dim, device=device), r=degree, with_replacement=True)
+    (for degree 2 this is `torch.triu_indices(key_dim, key_dim)` order). A constant for `torch.compile`, built on
+    the host (`torch.combinations` has a data-dependent shape, which breaks graphs)."""
+    combinations = list(itertools.combinations_with_replacement(range(key_dim), degree))
+    return torch.tensor(combinations, dtype=torch.long, device=device)
 
 
 def _bmm_t(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -426,6 +430,12 @@ def ttl_schedule(token_mask: torch.Tensor, positions: torch.Tensor, chunk_size: 
         rows = events[:, column].nonzero().flatten()
         schedule.append((column, None if rows.numel() == events.shape[0] else rows.to(token_mask.device)))
     return schedule
+
+
+def unpadded_ttl_schedule(first_position: int, length: int, chunk_size: int) -> list[TTLUpdate]:
+    """`ttl_schedule` when no sequence has ever held padding: every row is at `first_position`, so the schedule
+    is known on the host (no device sync, nothing data-dependent for `torch.compile`)."""
+    return [(column, None) for column in range(length) if (first_position + column + 1) % chunk_size == 0]
 
 
 class AtlasMAGMemory(nn.Module):
@@ -657,6 +667,8 @@ class AtlasMAGCache(Cache):
         super().__init__(layers=[AtlasMAGLayerCache() for _ in range(config.num_hidden_layers)])
         self.tokens_seen: torch.Tensor | None = None
         self.positions_seen = 0
+        # True while no call has passed an attention mask: then every sequence has seen `positions_seen` tokens.
+        self.unpadded = True
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of input positions (padding included) processed so far; `generate` slices its inputs by it."""
@@ -676,10 +688,11 @@ class AtlasMAGCache(Cache):
     def batch_size(self) -> int:
         return -1 if self.tokens_seen is None else self.tokens_seen.shape[0]
 
-    def advance(self, token_mask: torch.Tensor) -> None:
+    def advance(self, token_mask: torch.Tensor, unpadded: bool) -> None:
         counts = token_mask.sum(1)
         self.tokens_seen = counts if self.tokens_seen is None else self.tokens_seen + counts
         self.positions_seen += token_mask.shape[1]
+        self.unpadded = self.unpadded and unpadded
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -700,6 +713,7 @@ class AtlasMAGCache(Cache):
         super().reset()
         self.tokens_seen = None
         self.positions_seen = 0
+        self.unpadded = True
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors (each storage counted once)."""
@@ -893,6 +907,9 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         self.embed_tokens = value
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        # The check needs the ids on the host; a compiled graph skips it (the embedding still fails on a bad id).
+        if torch.compiler.is_compiling():
+            return
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
             raise ValueError(
@@ -960,7 +977,13 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         positions = (tokens_seen[:, None] + token_mask.long().cumsum(1) - 1).clamp(min=0)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         learns = ttl and memory_gate and self.config.use_memory
-        schedule = ttl_schedule(token_mask, positions, self.config.ttl_chunk_size) if learns else []
+        unpadded = attention_mask is None and (cache is None or cache.unpadded)
+        schedule = []
+        if learns and unpadded:
+            first_position = cache.positions_seen if cache is not None else 0
+            schedule = unpadded_ttl_schedule(first_position, length, self.config.ttl_chunk_size)
+        elif learns:
+            schedule = ttl_schedule(token_mask, positions, self.config.ttl_chunk_size)
 
         hidden_states = inputs_embeds + self.w_init
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -979,7 +1002,7 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         if cache is not None:
             for layer_cache, new_state in zip(cache.layers, new_states, strict=True):
                 layer_cache.state = new_state
-            cache.advance(token_mask)
+            cache.advance(token_mask, unpadded)
         hidden_states = self.norm(hidden_states)
         return AtlasMAGModelOutput(
             last_hidden_state=hidden_states,

@@ -8,6 +8,7 @@ from reference_forward import reference_logits
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM
+from atlas_mag.modeling_atlas import ttl_schedule, unpadded_ttl_schedule
 
 # Variants of the Atlas family (issue 7) that every equivalence and isolation test runs over.
 VARIANTS = {
@@ -152,6 +153,25 @@ def test_chunked_prefill_through_the_cache_equals_one_forward():
             out = model(ids[:, start:end], past_key_values=cache, use_cache=True)
             cache, pieces = out.past_key_values, pieces + [out.logits]
     assert (torch.cat(pieces, 1) - expected).abs().max() <= 1e-4
+
+
+def test_host_schedule_equals_the_masked_schedule():
+    """Without padding the TTL schedule is computed on the host; it is the masked schedule of an all-ones mask,
+    and a cache that once saw a mask keeps using the masked one (padding may have shifted its rows)."""
+    for first_position in range(9):
+        for length in (1, 3, 8, 13):
+            positions = (first_position + torch.arange(length)).expand(2, length)
+            masked = ttl_schedule(torch.ones(2, length, dtype=torch.bool), positions, 4)
+            assert unpadded_ttl_schedule(first_position, length, 4) == masked
+    model = make_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        unmasked = model(ids[:, :9], use_cache=True)
+        masked = model(ids[:, :9], attention_mask=torch.ones(2, 9, dtype=torch.long), use_cache=True)
+        assert unmasked.past_key_values.unpadded and not masked.past_key_values.unpadded
+        rest = [model(ids[:, 9:], past_key_values=out.past_key_values).logits for out in (unmasked, masked)]
+    torch.testing.assert_close(rest[0], rest[1], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([unmasked.logits, rest[0]], 1), full_logits(model, ids), rtol=0, atol=1e-5)
 
 
 def test_updates_are_causal():
