@@ -18,7 +18,6 @@ This file is copied next to published weights: it imports only `transformers`, `
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
@@ -123,10 +122,13 @@ def _append_history(past: torch.Tensor | None, new: torch.Tensor, dim: int) -> t
 
 
 def _keep_last(tensor: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
-    """The last `keep` entries along `dim`, copied so the cache does not pin the longer tensor's storage."""
-    if tensor.shape[dim] <= keep:
+    """The last `keep` entries along `dim`. A view while the tensor is at most twice as long (decoding: the
+    window plus a few new tokens), else a copy, so that the cache never pins a long prefill's storage."""
+    length = tensor.shape[dim]
+    if length <= keep:
         return tensor
-    return tensor.narrow(dim, tensor.shape[dim] - keep, keep).clone()
+    last = tensor.narrow(dim, length - keep, keep)
+    return last if length <= 2 * keep else last.clone()
 
 
 def sliding_window_attention(
@@ -139,6 +141,10 @@ def sliding_window_attention(
     sees itself so that padding queries stay finite.
     """
     num_queries, num_keys = query.shape[2], key.shape[2]
+    if num_queries == 1 and num_keys <= window:
+        # Decoding: one query sees every cached key that is a real token, and itself.
+        mask = torch.cat([key_valid[:, :-1], torch.ones_like(key_valid[:, -1:])], dim=1)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None, None])
     past = num_keys - num_queries
     outputs = []
     for start in range(0, num_queries, QUERY_BLOCK):
@@ -159,6 +165,15 @@ def sliding_window_attention(
             )
         )
     return torch.cat(outputs, dim=2)
+
+
+@lru_cache(maxsize=32)
+def omega_decay_table(window: int, decay: float, device: torch.device) -> torch.Tensor:
+    """Weight of a key `distance` positions before the query, for distance 0..window+1: decay^(distance-1)
+    inside the Omega window [1, window], 0 outside (index with the distance clamped to [0, window + 1])."""
+    table = torch.zeros(window + 2, device=device)
+    table[1 : window + 1] = decay ** torch.arange(window, dtype=torch.float32, device=device)
+    return table
 
 
 def qk_projection(
@@ -188,9 +203,8 @@ def qk_projection(
             continue
         query_pos = torch.arange(past + start, past + end, device=query.device)
         key_pos = torch.arange(key_lo, key_hi, device=query.device)
-        distance = query_pos[:, None] - key_pos[None, :]
-        in_window = (distance >= 1) & (distance <= window)
-        decay = torch.where(in_window, config.omega_decay ** (distance - 1).clamp(min=0).float(), 0.0)
+        distance = (query_pos[:, None] - key_pos[None, :]).clamp(0, window + 1)
+        decay = omega_decay_table(window, config.omega_decay, query.device)[distance]
         weights = decay[None] * key_weights[:, None, key_lo:key_hi]
         block_keys = keys[:, key_lo:key_hi]
         scores = torch.matmul(block_query, block_keys.transpose(1, 2)) * weights
@@ -208,13 +222,14 @@ MemoryState = dict[str, torch.Tensor]
 
 
 @lru_cache(maxsize=32)
-@torch.compiler.assume_constant_result
 def monomial_indices(key_dim: int, degree: int, device: torch.device) -> torch.Tensor:
     """Index tuples of the degree-`degree` monomials, [F, degree], in combinations-with-replacement order
-    (for degree 2 this is `torch.triu_indices(key_dim, key_dim)` order). A constant for `torch.compile`, built on
-    the host (`torch.combinations` has a data-dependent shape, which breaks graphs)."""
-    combinations = list(itertools.combinations_with_replacement(range(key_dim), degree))
-    return torch.tensor(combinations, dtype=torch.long, device=device)
+    (for degree 2 this is `torch.triu_indices(key_dim, key_dim)` order). Plain Python, so that `torch.compile`
+    folds it into a constant (`torch.combinations` has a data-dependent shape, which breaks graphs)."""
+    tuples: list[tuple[int, ...]] = [()]
+    for _ in range(degree):
+        tuples = [prefix + (index,) for prefix in tuples for index in range(prefix[-1] if prefix else 0, key_dim)]
+    return torch.tensor(tuples, dtype=torch.long, device=device)
 
 
 def _bmm_t(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

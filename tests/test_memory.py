@@ -7,7 +7,7 @@ from conftest import tiny_config
 from reference_forward import memory as reference_memory
 
 from atlas_mag import AtlasMAGForCausalLM
-from atlas_mag.modeling_atlas import memory_forward, memory_loss_gradients, newton_schulz
+from atlas_mag.modeling_atlas import memory_forward, memory_loss_gradients, monomial_indices, newton_schulz
 
 MEMORY_VARIANTS = {
     "degree1": {"poly_degree": 1, "poly_rank": 8},
@@ -153,3 +153,13 @@ def test_memory_math_stays_fp32_under_autocast():
     step = lr * reference_newton_schulz(g, config.ttl_ns_steps)
     expected = config.ttl_decay * initial["poly_compress.weight"][0] - step
     assert torch.allclose(learned["poly_compress.weight"][0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_monomial_indices_are_the_combinations_with_replacement(degree):
+    """The feature order the config docstring documents (and degree 2 = the reference's triu order)."""
+    indices = monomial_indices(5, degree, torch.device("cpu"))
+    expected = torch.combinations(torch.arange(5), r=degree, with_replacement=True)
+    assert torch.equal(indices, expected.reshape(-1, degree))
+    if degree == 2:
+        assert torch.equal(indices.T, torch.triu_indices(5, 5))
