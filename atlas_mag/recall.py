@@ -171,7 +171,11 @@ def recall_model_config(task: RecallTask, **overrides: Any) -> AtlasMAGConfig:
 
 @dataclass
 class TrainingRecipe:
-    """AdamW with a linear warmup, then a constant learning rate.
+    """AdamW with a linear warmup, then a constant learning rate, and a curriculum: the first `single_pair_steps`
+    steps train on the task with one pair and one query (same gap). The mechanism (write a pair into the memory,
+    read it back beyond the window) is learnt far sooner there and carries over to several pairs: with 2 pairs,
+    250 single-pair steps then 350 on the task reached 0.45 and 0.75 recall (seeds 0, 1) where 600 steps on the
+    task alone stayed near chance (0.09, 0.05).
 
     Training sits on a loss plateau at chance (ln num_values) for a number of steps that varies a lot from one
     initialisation to the next (see README, "Associative recall"), so the recipe trains `candidates` models side by
@@ -180,7 +184,8 @@ class TrainingRecipe:
     training loss. The choice sees training loss only, never evaluation data. `candidates=1` is a plain run.
     """
 
-    steps: int = 1200
+    steps: int = 800
+    single_pair_steps: int = 250
     batch_size: int = 16
     learning_rate: float = 1e-2
     weight_decay: float = 0.01
@@ -197,6 +202,8 @@ class TrainingRecipe:
         for name in ("steps", "batch_size", "candidates", "slice_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainingRecipe.{name} must be >= 1, got {getattr(self, name)}")
+        if self.single_pair_steps < 0:
+            raise ValueError(f"TrainingRecipe.single_pair_steps must be >= 0, got {self.single_pair_steps}")
 
 
 class RecallTrainer:
@@ -204,6 +211,7 @@ class RecallTrainer:
 
     def __init__(self, task: RecallTask, config: AtlasMAGConfig, recipe: TrainingRecipe, seed: int) -> None:
         self.task, self.recipe, self.seed = task, recipe, seed
+        self.single_pair_task = replace(task, num_pairs=1, num_queries=1)
         torch.manual_seed(seed)
         self.model = AtlasMAGForCausalLM(config)
         self.model.train()
@@ -224,7 +232,8 @@ class RecallTrainer:
         self.model.train()
         total = 0.0
         for _ in range(steps):
-            input_ids, labels = self.task.sample(self.recipe.batch_size, self.data)
+            task = self.single_pair_task if self.step < self.recipe.single_pair_steps else self.task
+            input_ids, labels = task.sample(self.recipe.batch_size, self.data)
             loss = self.model(input_ids, labels=labels, ttl=True).loss
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

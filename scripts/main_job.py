@@ -15,6 +15,12 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/main_job"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one trained model per seed")
     parser.add_argument("--steps", type=int, default=TrainingRecipe.steps, help="training steps per seed")
+    parser.add_argument(
+        "--single-pair-steps",
+        type=int,
+        default=TrainingRecipe.single_pair_steps,
+        help="the first steps train on one pair and one query (curriculum)",
+    )
     parser.add_argument("--eval-sequences", type=int, default=256, help="test sequences per seed and condition")
     parser.add_argument("--workers", type=int, default=0, help="parallel training processes (0: one per core)")
     args = parser.parse_args()
@@ -22,7 +28,7 @@ def main() -> None:
     settings = MainJobSettings(
         output_dir=args.output_dir,
         seeds=tuple(args.seeds),
-        recipe=TrainingRecipe(steps=args.steps),
+        recipe=TrainingRecipe(steps=args.steps, single_pair_steps=args.single_pair_steps),
         eval_sequences=args.eval_sequences,
         workers=args.workers,
     )

@@ -15,6 +15,12 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("outputs/recall/recall_results.json"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=TrainingRecipe.steps)
+    parser.add_argument(
+        "--single-pair-steps",
+        type=int,
+        default=TrainingRecipe.single_pair_steps,
+        help="the first steps train on one pair and one query (curriculum)",
+    )
     parser.add_argument("--batch-size", type=int, default=TrainingRecipe.batch_size)
     parser.add_argument("--lr", type=float, default=TrainingRecipe.learning_rate)
     parser.add_argument("--pairs", type=int, default=RecallTask.num_pairs)
@@ -41,7 +47,12 @@ def main() -> None:
     gap = args.gap if args.gap is not None else receptive_field(recall_model_config(probe, **overrides))
     task = RecallTask(num_pairs=args.pairs, num_queries=args.queries or args.pairs, gap=gap)
     config = recall_model_config(task, **overrides)
-    recipe = TrainingRecipe(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr)
+    recipe = TrainingRecipe(
+        steps=args.steps,
+        single_pair_steps=args.single_pair_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+    )
     summary, _ = recall_experiment(task, config, recipe, args.seeds, args.eval_sequences)
     write_json(args.output, summary)
     for condition, stats in summary["summary"].items():

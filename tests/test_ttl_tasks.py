@@ -16,6 +16,7 @@ from atlas_mag.main_job import MainJobSettings, run_main_job
 from atlas_mag.niah import CONDITIONS, answer_under, build_prompt, is_correct, run_niah, write_niah_report
 from atlas_mag.recall import (
     RecallTask,
+    RecallTrainer,
     TrainingRecipe,
     binomial_std,
     build_tokenizer,
@@ -224,6 +225,23 @@ def test_recall_queries_are_beyond_reach_without_ttl():
     assert not torch.allclose(on[0], on[1])
     with pytest.raises(ValueError, match="receptive field"):
         RecallTask(gap=receptive_field(config) - 1).check_beyond_reach(config)
+
+
+def test_recall_curriculum_starts_with_one_pair(monkeypatch):
+    seen = []
+    sample = RecallTask.sample
+
+    def recording_sample(self, batch_size, generator):
+        seen.append((self.num_pairs, self.num_queries, self.gap))
+        return sample(self, batch_size, generator)
+
+    monkeypatch.setattr(RecallTask, "sample", recording_sample)
+    task = RecallTask(num_pairs=3, num_queries=2, gap=5)
+    config = recall_model_config(task, hidden_size=32, intermediate_size=48)
+    RecallTrainer(task, config, TrainingRecipe(steps=5, single_pair_steps=2), seed=0).train(5)
+    assert seen == [(1, 1, 5)] * 2 + [(3, 2, 5)] * 3
+    with pytest.raises(ValueError, match="single_pair_steps"):
+        TrainingRecipe(single_pair_steps=-1)
 
 
 def test_recall_restarts_finish_the_candidate_with_the_lowest_training_loss():
