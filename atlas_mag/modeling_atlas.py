@@ -122,13 +122,11 @@ def _append_history(past: torch.Tensor | None, new: torch.Tensor, dim: int) -> t
 
 
 def _keep_last(tensor: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
-    """The last `keep` entries along `dim`. A view while the tensor is at most twice as long (decoding: the
-    window plus a few new tokens), else a copy, so that the cache never pins a long prefill's storage."""
-    length = tensor.shape[dim]
-    if length <= keep:
+    """The last `keep` entries along `dim`, copied so the cache does not pin the longer tensor's storage (and
+    holds exactly the same bytes however it was built)."""
+    if tensor.shape[dim] <= keep:
         return tensor
-    last = tensor.narrow(dim, length - keep, keep)
-    return last if length <= 2 * keep else last.clone()
+    return tensor.narrow(dim, tensor.shape[dim] - keep, keep).clone()
 
 
 def sliding_window_attention(
