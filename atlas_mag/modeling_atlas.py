@@ -993,8 +993,10 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         unpadded = attention_mask is None and (cache is None or cache.unpadded)
         schedule = []
         if learns and unpadded:
-            first_position = cache.positions_seen if cache is not None else 0
-            schedule = unpadded_ttl_schedule(first_position, length, self.config.ttl_chunk_size)
+            # No int local for the position: a compiled graph would specialise on it and recompile every token.
+            schedule = unpadded_ttl_schedule(
+                cache.positions_seen if cache is not None else 0, length, self.config.ttl_chunk_size
+            )
         elif learns:
             schedule = ttl_schedule(token_mask, positions, self.config.ttl_chunk_size)
 
