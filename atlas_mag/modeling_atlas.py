@@ -83,9 +83,9 @@ class AtlasMAGRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(hidden_states.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight, fused (one kernel instead of five).
+        normed = F.rms_norm(hidden_states.float(), self.weight.shape, self.weight.float(), self.eps)
+        return normed.to(hidden_states.dtype)
 
 
 class AtlasMAGMLP(nn.Module):
@@ -174,6 +174,12 @@ def omega_decay_table(window: int, decay: float, device: torch.device) -> torch.
     return table
 
 
+@lru_cache(maxsize=32)
+def omega_decay_oldest_first(window: int, decay: float, device: torch.device) -> torch.Tensor:
+    """decay^(window-1), ..., decay^0: the weights of the `window` keys before a query, oldest first."""
+    return omega_decay_table(window, decay, device)[1 : window + 1].flip(0)
+
+
 def qk_projection(
     query: torch.Tensor, keys: torch.Tensor, key_weights: torch.Tensor, config: AtlasMAGConfig
 ) -> torch.Tensor:
@@ -187,9 +193,21 @@ def qk_projection(
     window = config.omega_window
     num_queries, num_keys = query.shape[1], keys.shape[1]
     past = num_keys - num_queries
-    key_sq_norms = keys.pow(2).sum(-1)
     persistent = config.qk_persistent_scale * query
     normalizer = config.qk_normalizer_scale * config.hidden_size
+    if num_queries == 1:
+        # Decoding: the query's window is the last `count` keys before it, no position arithmetic needed.
+        count = min(window, past)
+        if count == 0:
+            return persistent / (normalizer + QK_EPS)
+        block_keys = keys[:, past - count : past]
+        decay = omega_decay_oldest_first(window, config.omega_decay, query.device)[window - count :]
+        weights = decay * key_weights[:, past - count : past]
+        scores = torch.matmul(block_keys, query.transpose(1, 2)).squeeze(-1) * weights
+        summed = torch.matmul(scores[:, None], block_keys)
+        norm_sum = (weights * block_keys.pow(2).sum(-1)).sum(-1)
+        return (persistent + summed) / (normalizer + norm_sum[:, None, None] + QK_EPS)
+    key_sq_norms = keys.pow(2).sum(-1)
     outputs = []
     for start in range(0, num_queries, QUERY_BLOCK):
         end = min(start + QUERY_BLOCK, num_queries)
