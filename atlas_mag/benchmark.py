@@ -135,7 +135,8 @@ QUICK_GRID = BenchmarkGrid(
     compile_lengths=(256,),
 )
 
-# A small Atlas-MAG for CPU runs: windows and chunks shrink with the lengths of QUICK_GRID.
+# A small Atlas-MAG for CPU runs: windows and chunks shrink with the lengths of QUICK_GRID, in the published
+# model's proportions (sliding window 512 : Omega window 256 : TTL chunk 256).
 QUICK_MODEL = dict(
     vocab_size=2048,
     hidden_size=128,
@@ -147,7 +148,7 @@ QUICK_MODEL = dict(
     poly_rank=128,
     omega_window=64,
     gamma_gate_hidden_size=16,
-    ttl_chunk_size=32,
+    ttl_chunk_size=64,
 )
 
 

@@ -509,3 +509,14 @@ def test_removing_the_memory_gate_gives_plain_residual_attention():
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=5, do_sample=False, memory_gate=False)
     assert torch.equal(generated, manual_greedy(model, ids, 5, memory_gate=False))
+
+
+def test_compiled_ttl_forward_breaks_only_at_the_nan_check():
+    """torch.compile traces a TTL-on training forward (host-side schedule, constant monomial indices) in one
+    graph up to the single finiteness check of the TTL gradients, which must stay a host decision."""
+    torch._dynamo.reset()
+    model = make_model()
+    ids = torch.randint(4, model.config.vocab_size, (1, 6))  # one TTL update per layer
+    explanation = torch._dynamo.explain(model)(ids, labels=ids, ttl=True)
+    assert explanation.break_reasons, "the finiteness check should be the one graph break"
+    assert {reason.user_stack[-1].name for reason in explanation.break_reasons} == {"_check_ttl_gradients"}
