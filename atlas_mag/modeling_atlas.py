@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -200,13 +200,9 @@ def qk_projection(
         count = min(window, past)
         if count == 0:
             return persistent / (normalizer + QK_EPS)
-        block_keys = keys[:, past - count : past]
         decay = omega_decay_oldest_first(window, config.omega_decay, query.device)[window - count :]
         weights = decay * key_weights[:, past - count : past]
-        scores = torch.matmul(block_keys, query.transpose(1, 2)).squeeze(-1) * weights
-        summed = torch.matmul(scores[:, None], block_keys)
-        norm_sum = (weights * block_keys.pow(2).sum(-1)).sum(-1)
-        return (persistent + summed) / (normalizer + norm_sum[:, None, None] + QK_EPS)
+        return qk_projection_one_query(query, keys[:, past - count : past], weights, config)
     key_sq_norms = keys.pow(2).sum(-1)
     outputs = []
     for start in range(0, num_queries, QUERY_BLOCK):
@@ -228,6 +224,18 @@ def qk_projection(
         norm_sum = torch.matmul(weights, key_sq_norms[:, key_lo:key_hi, None])
         outputs.append((persistent[:, start:end] + summed) / (normalizer + norm_sum + QK_EPS))
     return torch.cat(outputs, dim=1)
+
+
+def qk_projection_one_query(
+    query: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, config: AtlasMAGConfig
+) -> torch.Tensor:
+    """`qk_projection` of one query [B, 1, hidden] over the keys of its window [B, N, hidden] (any order), each
+    with its full weight decay^(t-1-j) gamma_j [B, N]."""
+    normalizer = config.qk_normalizer_scale * config.hidden_size
+    scores = torch.matmul(keys, query.transpose(1, 2)).squeeze(-1) * weights
+    summed = torch.matmul(scores[:, None], keys)
+    norm_sum = (weights * keys.pow(2).sum(-1)).sum(-1)
+    return (config.qk_persistent_scale * query + summed) / (normalizer + norm_sum[:, None, None] + QK_EPS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,6 +566,38 @@ class AtlasMAGMemory(nn.Module):
         norms = torch.cat(gradient_norms) if gradient_norms else None
         return torch.cat(outputs, dim=1), memory, momentum, history, norms
 
+    def read_and_learn_one_token(
+        self,
+        queries: torch.Tensor,
+        values: torch.Tensor,
+        token_weights: torch.Tensor,
+        token_mask: torch.Tensor,
+        state: AtlasMAGLayerState,
+        schedule: list[TTLUpdate],
+    ) -> tuple[torch.Tensor, MemoryState, MemoryState | None, torch.Tensor | None]:
+        """`read_and_learn` for one new position when the Omega history is a full ring buffer (decoding): only an
+        update (every `ttl_chunk_size` tokens) reads the history, joined to the new position. Returns the output,
+        the memory and momentum after the step and the update's gradient norms (or None)."""
+        memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
+        output = memory_forward(memory, queries, self.config)[0]
+        if not schedule:
+            return output, memory, state.momentum, None
+        ((_, rows),) = schedule
+        # The Omega loss sums over the window's positions, so the ring's order does not matter.
+        window = [
+            torch.cat([history, new], dim=1)
+            for history, new in (
+                (state.omega_queries, queries),
+                (state.omega_values, values),
+                (state.omega_weights, token_weights),
+                (state.omega_valid, token_mask),
+            )
+        ]
+        if rows is not None:
+            window = [tensor[rows] for tensor in window]
+        memory, momentum, norms = self._learn(memory, state.momentum, rows, *window)
+        return output, memory, momentum, norms
+
     def _learn(
         self,
         memory: MemoryState,
@@ -602,11 +642,34 @@ class AtlasMAGMemory(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# The histories a layer keeps, with their time dimension.
+ATTENTION_HISTORY = {"attn_keys": 2, "attn_values": 2, "attn_valid": 1}
+MEMORY_HISTORY = {
+    "qk_keys": 1,
+    "qk_weights": 1,
+    "omega_queries": 1,
+    "omega_values": 1,
+    "omega_weights": 1,
+    "omega_valid": 1,
+}
+# (buffer, time dimension, slot, value): an in-place write into a cached history.
+HistoryWrite = tuple[torch.Tensor, int, int, torch.Tensor]
+
+
+def _ring_write(buffer: torch.Tensor, dim: int, ring_steps: int, value: torch.Tensor) -> HistoryWrite:
+    """Write `value` over the oldest entry of a full ring buffer that has taken `ring_steps` writes."""
+    return buffer, dim, ring_steps % buffer.shape[dim], value
+
+
 @dataclass
 class AtlasMAGLayerState:
     """Everything one layer carries from one call to the next, per sequence (batch first). Bounded in size:
     at most `sliding_window - 1` keys/values, `omega_window` Q-K keys, `omega_window - 1` Omega positions, and
-    one copy of the memory weights and momentum."""
+    one copy of the memory weights and momentum.
+
+    Once a history is full, decoding uses it as a ring buffer: each new position is written over the oldest one
+    in place (no copy of the window per token), and `*_ring_steps` count those writes since the history was
+    last in time order. The writes are kept in `pending_writes` until the model commits the call."""
 
     attn_keys: torch.Tensor | None = None
     attn_values: torch.Tensor | None = None
@@ -619,24 +682,67 @@ class AtlasMAGLayerState:
     omega_valid: torch.Tensor | None = None
     memory: MemoryState | None = None
     momentum: MemoryState | None = None
+    attention_ring_steps: int = 0
+    memory_ring_steps: int = 0
+    pending_writes: tuple[HistoryWrite, ...] = ()
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, dict):
-                yield from value.values()
-            elif value is not None:
-                yield value
+        for name in (*ATTENTION_HISTORY, *MEMORY_HISTORY):
+            if getattr(self, name) is not None:
+                yield getattr(self, name)
+        for weights in (self.memory, self.momentum):
+            if weights is not None:
+                yield from weights.values()
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> AtlasMAGLayerState:
-        changes = {}
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, dict):
-                changes[item.name] = {name: function(tensor) for name, tensor in value.items()}
-            elif value is not None:
-                changes[item.name] = function(value)
+        changes: dict[str, Any] = {
+            name: function(getattr(self, name))
+            for name in (*ATTENTION_HISTORY, *MEMORY_HISTORY)
+            if getattr(self, name) is not None
+        }
+        for name in ("memory", "momentum"):
+            if getattr(self, name) is not None:
+                changes[name] = {key: function(tensor) for key, tensor in getattr(self, name).items()}
         return replace(self, **changes)
+
+    def ring_ready(self, config: AtlasMAGConfig) -> tuple[bool, bool]:
+        """Whether the attention and the memory histories are full, so that a one-token step can use them as
+        ring buffers."""
+        attention = self.attn_keys is not None and self.attn_keys.shape[2] == config.sliding_window - 1 > 0
+        memory = (
+            self.qk_keys is not None
+            and self.qk_keys.shape[1] == config.omega_window
+            and self.omega_queries is not None
+            and self.omega_queries.shape[1] == config.omega_window - 1 > 0
+        )
+        return attention, memory
+
+    def prepare(self, attention_ring: bool, memory_ring: bool) -> AtlasMAGLayerState:
+        """The histories laid out for this step: for a part that decodes in place, ring buffers of its own
+        (copied once, when decoding in place starts, so that no caller's tensor is ever written); for a part
+        that takes the general path, time order."""
+        changes: dict[str, Any] = {}
+        for history, steps_field, ring in (
+            (ATTENTION_HISTORY, "attention_ring_steps", attention_ring),
+            (MEMORY_HISTORY, "memory_ring_steps", memory_ring),
+        ):
+            steps = getattr(self, steps_field)
+            if ring and steps == 0:
+                changes.update({name: getattr(self, name).clone() for name in history})
+            elif not ring and steps:
+                for name, dim in history.items():
+                    tensor = getattr(self, name)
+                    changes[name] = tensor.roll(-(steps % tensor.shape[dim]), dim)
+                changes[steps_field] = 0
+        return replace(self, **changes) if changes else self
+
+    def commit(self) -> AtlasMAGLayerState:
+        """Apply the pending in-place writes (the model calls this once the whole call has succeeded)."""
+        if not self.pending_writes:
+            return self
+        for buffer, dim, slot, value in self.pending_writes:
+            buffer.select(dim, slot).copy_(value)
+        return replace(self, pending_writes=())
 
 
 class AtlasMAGLayerCache:
@@ -812,6 +918,33 @@ class AtlasMAGAttention(nn.Module):
         }
         return output, history
 
+    def attend_one_token(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        token_mask: torch.Tensor,
+        state: AtlasMAGLayerState,
+    ) -> tuple[torch.Tensor, HistoryWrite, HistoryWrite, HistoryWrite]:
+        """`attend` for one new position when the cached window is a full ring buffer (decoding): the query sees
+        every cached real token and itself (softmax is blind to the keys' order), and the new key, value and
+        validity are returned as writes over the oldest slot instead of a concatenated copy of the window."""
+        scale = self.head_dim**-0.5
+        scores = torch.matmul(query, state.attn_keys.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~state.attn_valid[:, None, None, :], float("-inf"))
+        own_score = (query * key).sum(-1, keepdim=True) * scale
+        weights = torch.softmax(torch.cat([scores, own_score], dim=-1), dim=-1, dtype=torch.float32).to(value.dtype)
+        attended = torch.matmul(weights[..., :-1], state.attn_values) + weights[..., -1:] * value
+        output = self.o_proj(attended.transpose(1, 2).reshape(query.shape[0], 1, -1))
+        steps = state.attention_ring_steps
+        return (
+            output,
+            _ring_write(state.attn_keys, 2, steps, key[:, :, 0]),
+            _ring_write(state.attn_values, 2, steps, value[:, :, 0]),
+            _ring_write(state.attn_valid, 1, steps, token_mask[:, 0]),
+        )
+
+
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, T, D] -> [B, T, H*D] in fp32 (the memory side of the block works in fp32)."""
@@ -848,44 +981,81 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         token_mask: torch.Tensor,
         schedule: list[TTLUpdate],
         memory_gate: bool = True,
+        in_place: bool = False,
     ) -> tuple[torch.Tensor, AtlasMAGLayerState, torch.Tensor | None]:
         """Returns the new hidden states, the new layer state and the gradient norms of this call's TTL updates
-        (None if there were none)."""
+        (None if there were none). `in_place` (a one-token step under no_grad, with a cache) lets full histories
+        act as ring buffers: the new state then carries in-place writes for the model to commit."""
         state = layer_state if layer_state is not None else AtlasMAGLayerState()
+        uses_memory = self.config.use_memory and memory_gate
+        attention_full, memory_full = state.ring_ready(self.config)
+        attention_ring = in_place and attention_full
+        memory_ring = in_place and uses_memory and memory_full
+        state = state.prepare(attention_ring, memory_ring)
+        changes: dict[str, Any] = {}
+        writes: tuple[HistoryWrite, ...] = ()
         gradient_norms = None
+
+        def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            nonlocal writes
+            if attention_ring:
+                output, *attention_writes = self.self_attn.attend_one_token(query, key, value, token_mask, state)
+                writes += tuple(attention_writes)
+                changes["attention_ring_steps"] = state.attention_ring_steps + 1
+                return output
+            output, history = self.self_attn.attend(query, key, value, token_mask, state)
+            changes.update(history)
+            return output
+
         normed = self.input_norm(hidden_states)
         query, key, value = self.self_attn.project(normed, cos, sin)
-        if not self.config.use_memory or not memory_gate:
-            attn_output, attn_history = self.self_attn.attend(query, key, value, token_mask, state)
-            hidden_states = hidden_states + attn_output
-            new_state = replace(state, **attn_history)
+        if not uses_memory:
+            hidden_states = hidden_states + attend(query, key, value)
         else:
             gamma = torch.sigmoid(self.gamma_gate(normed).squeeze(-1).float())
             # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision.
             with torch.autocast(device_type=hidden_states.device.type, enabled=False):
                 token_weights = gamma * token_mask
-                flat_keys = _append_history(state.qk_keys, _merge_heads(key), 1)
-                key_weights = _append_history(state.qk_weights, token_weights, 1)
-                memory_queries = qk_projection(_merge_heads(query), flat_keys, key_weights, self.config)
-                memory_output, memory, momentum, omega_history, gradient_norms = self.memory.read_and_learn(
-                    memory_queries, _merge_heads(value), token_weights, token_mask, state, schedule
-                )
+                memory_query, memory_key, memory_value = _merge_heads(query), _merge_heads(key), _merge_heads(value)
+                if memory_ring:
+                    steps = state.memory_ring_steps
+                    window = self.config.omega_window
+                    decay = omega_decay_oldest_first(window, self.config.omega_decay, query.device)
+                    key_weights = decay.roll(steps % window) * state.qk_weights
+                    memory_queries = qk_projection_one_query(memory_query, state.qk_keys, key_weights, self.config)
+                    memory_output, memory, momentum, gradient_norms = self.memory.read_and_learn_one_token(
+                        memory_queries, memory_value, token_weights, token_mask, state, schedule
+                    )
+                    writes += (
+                        _ring_write(state.qk_keys, 1, steps, memory_key[:, 0]),
+                        _ring_write(state.qk_weights, 1, steps, token_weights[:, 0]),
+                        _ring_write(state.omega_queries, 1, steps, memory_queries[:, 0]),
+                        _ring_write(state.omega_values, 1, steps, memory_value[:, 0]),
+                        _ring_write(state.omega_weights, 1, steps, token_weights[:, 0]),
+                        _ring_write(state.omega_valid, 1, steps, token_mask[:, 0]),
+                    )
+                    changes["memory_ring_steps"] = steps + 1
+                else:
+                    flat_keys = _append_history(state.qk_keys, memory_key, 1)
+                    key_weights = _append_history(state.qk_weights, token_weights, 1)
+                    memory_queries = qk_projection(memory_query, flat_keys, key_weights, self.config)
+                    memory_output, memory, momentum, omega_history, gradient_norms = self.memory.read_and_learn(
+                        memory_queries, memory_value, token_weights, token_mask, state, schedule
+                    )
+                    changes.update(
+                        qk_keys=_keep_last(flat_keys, self.config.omega_window, 1),
+                        qk_weights=_keep_last(key_weights, self.config.omega_window, 1),
+                        **omega_history,
+                    )
+                changes.update(memory=memory, momentum=momentum)
             if self.config.block_type == "mag":
-                attn_output, attn_history = self.self_attn.attend(query, key, value, token_mask, state)
+                attn_output = attend(query, key, value)
                 hidden_states = hidden_states + attn_output * torch.sigmoid(memory_output).to(hidden_states.dtype)
             else:
                 # Memory as layer: the memory's output joins the attention input.
                 query, key, value = self.self_attn.project(normed + memory_output.to(normed.dtype), cos, sin)
-                attn_output, attn_history = self.self_attn.attend(query, key, value, token_mask, state)
-                hidden_states = hidden_states + attn_output
-            new_state = AtlasMAGLayerState(
-                **attn_history,
-                qk_keys=_keep_last(flat_keys, self.config.omega_window, 1),
-                qk_weights=_keep_last(key_weights, self.config.omega_window, 1),
-                **omega_history,
-                memory=memory,
-                momentum=momentum,
-            )
+                hidden_states = hidden_states + attend(query, key, value)
+        new_state = replace(state, **changes, pending_writes=state.pending_writes + writes)
         hidden_states = hidden_states + self.mlp(self.post_attention_norm(hidden_states))
         return hidden_states, new_state, gradient_norms
 
@@ -1021,10 +1191,13 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         hidden_states = inputs_embeds + self.w_init
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         new_states, gradient_norms = [], []
+        # A decoding step writes into the cached windows in place (at commit, below); under autograd they might
+        # be saved for backward, so a step that records gradients takes the copying path.
+        in_place = cache is not None and length == 1 and not torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
             layer_state = cache.layers[index].state if cache is not None else None
             hidden_states, new_state, norms = layer(
-                hidden_states, layer_state, cos, sin, token_mask, schedule, memory_gate
+                hidden_states, layer_state, cos, sin, token_mask, schedule, memory_gate, in_place
             )
             new_states.append(new_state)
             gradient_norms.append(norms)
@@ -1034,7 +1207,7 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         # The cache changes only once the whole call has succeeded.
         if cache is not None:
             for layer_cache, new_state in zip(cache.layers, new_states, strict=True):
-                layer_cache.state = new_state
+                layer_cache.state = new_state.commit()
             cache.advance(token_mask, unpadded)
         hidden_states = self.norm(hidden_states)
         return AtlasMAGModelOutput(

@@ -8,7 +8,7 @@ from reference_forward import reference_logits
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM
-from atlas_mag.modeling_atlas import ttl_schedule, unpadded_ttl_schedule
+from atlas_mag.modeling_atlas import ATTENTION_HISTORY, MEMORY_HISTORY, ttl_schedule, unpadded_ttl_schedule
 
 # Variants of the Atlas family (issue 7) that every equivalence and isolation test runs over.
 VARIANTS = {
@@ -454,6 +454,49 @@ def test_bad_inputs_are_caught_with_a_message():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.ones(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 3))
+
+
+def _histories(cache):
+    return [getattr(layer.state, name) for layer in cache.layers for name in (*ATTENTION_HISTORY, *MEMORY_HISTORY)]
+
+
+def test_decoding_writes_the_windows_in_place():
+    """Once the windows are full, a decoding step writes the new position over the oldest one: the cached
+    history tensors keep their storage from token to token (no copy of the window per token), TTL updates
+    included, and the logits still equal the full forward (test_forward_equals_prefill_plus_decoding)."""
+    model = make_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        cache = model(ids[:, :20]).past_key_values
+        model(ids[:, 20:21], past_key_values=cache)  # the first in-place step takes its own copy of the windows
+        pointers = [tensor.data_ptr() for tensor in _histories(cache)]
+        for t in range(21, 40):
+            model(ids[:, t : t + 1], past_key_values=cache)
+        assert [tensor.data_ptr() for tensor in _histories(cache)] == pointers
+        state = cache.layers[0].state
+        assert state.attention_ring_steps == state.memory_ring_steps == 20
+        # A step of several tokens puts the windows back in time order and copies.
+        continued = model(ids[:, :2], past_key_values=cache).logits
+        expected = model(torch.cat([ids, ids[:, :2]], 1), use_cache=False).logits[:, -2:]
+    torch.testing.assert_close(continued, expected, rtol=0, atol=1e-4)
+
+
+def test_nan_during_an_in_place_decoding_step_leaves_the_cache_as_it_was():
+    model = make_model()
+    chunk = model.config.ttl_chunk_size
+    ids = torch.randint(0, model.config.vocab_size, (1, 4 * chunk + 8))
+    with torch.no_grad():
+        cache = model(ids[:, : 3 * chunk]).past_key_values
+        for t in range(3 * chunk, 4 * chunk - 1):  # up to the token before the next update
+            model(ids[:, t : t + 1], past_key_values=cache)
+        assert cache.layers[1].state.memory_ring_steps > 0
+        cache.layers[1].state.memory["poly_compress.weight"][0, 0, 0] = float("nan")
+        before = [t.clone() for layer in cache.layers for t in layer.state.tensors()]
+        with pytest.raises(FloatingPointError, match="layer 1"):
+            model(ids[:, 4 * chunk - 1 : 4 * chunk], past_key_values=cache)
+    after = [t for layer in cache.layers for t in layer.state.tensors()]
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_nan_in_memory_is_caught():
