@@ -72,6 +72,8 @@ class BenchmarkGrid:
     train_lengths: tuple[int, ...]
     prefill_lengths: tuple[int, ...]
     decode_contexts: tuple[int, ...]
+    # Timed steps per decode run: a multiple of the model's `ttl_chunk_size`, so that each run pays its share of
+    # memory updates (one per chunk) and no more.
     decode_tokens: int
     repeats: int
     warmup: int
@@ -123,7 +125,7 @@ QUICK_GRID = BenchmarkGrid(
     train_lengths=(128, 256, 512),
     prefill_lengths=(256, 512, 1024, 2048),
     decode_contexts=(256, 512, 1024, 2048),
-    decode_tokens=32,
+    decode_tokens=64,
     repeats=3,
     warmup=1,
     batch_size=1,
