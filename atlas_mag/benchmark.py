@@ -409,40 +409,43 @@ def measure_prefill(
     return _throughput(times, first_call_s, peak, grid.batch_size * length)
 
 
-def measure_decode(
+def measure_decode_run(
     variant: Variant, context: int, grid: BenchmarkGrid, device: torch.device, seed: int = 0
 ) -> dict[str, Any]:
-    """`repeats` runs of: prefill `context` tokens with the cache, take `warmup` untimed single-token steps, then
-    time `decode_tokens` single-token steps that each pass the cache back. ms/token is the median over the runs of
-    each run's mean (memory updates amortised), so that one disturbed run on a shared machine does not decide it."""
+    """One decode run: prefill `context` tokens with the cache, take `warmup` untimed single-token steps, then
+    time `decode_tokens` single-token steps that each pass the cache back."""
     vocab_size = variant.model.config.vocab_size
     ids = _random_ids(vocab_size, grid.batch_size, context, device, seed)
     warmup = variant.decode_warmup + grid.warmup
     steps = _random_ids(vocab_size, grid.batch_size, warmup + grid.decode_tokens, device, seed + 1)
-    run_means, step_times = [], []
+    step_times = []
     with torch.inference_mode():
-        for _ in range(grid.repeats):
-            cache = variant(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-            cache_bytes = cache_nbytes(cache)
-            run_times = []
-            for index in range(warmup + grid.decode_tokens):
-                token = steps[:, index : index + 1]
-                seconds, output = _timed(
-                    lambda t=token, c=cache: variant(input_ids=t, past_key_values=c, use_cache=True), device
-                )
-                cache = output.past_key_values
-                if index >= warmup:
-                    run_times.append(seconds)
-            cache_bytes_after = cache_nbytes(cache)
-            run_means.append(statistics.fmean(run_times))
-            step_times += run_times
+        cache = variant(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache_bytes = cache_nbytes(cache)
+        for index in range(warmup + grid.decode_tokens):
+            token = steps[:, index : index + 1]
+            seconds, output = _timed(
+                lambda t=token, c=cache: variant(input_ids=t, past_key_values=c, use_cache=True), device
+            )
+            cache = output.past_key_values
+            if index >= warmup:
+                step_times.append(seconds)
+        cache_bytes_after = cache_nbytes(cache)
+    return {"step_seconds": step_times, "cache_bytes": cache_bytes, "cache_bytes_after_decode": cache_bytes_after}
+
+
+def summarize_decode_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A decode cell from its runs: ms/token is the median over the runs of each run's mean step time (memory
+    updates amortised), so that one disturbed run on a shared machine does not decide it."""
+    means = [statistics.fmean(run["step_seconds"]) for run in runs]
+    steps = [seconds for run in runs for seconds in run["step_seconds"]]
     return {
-        "ms_per_token": 1000.0 * statistics.median(run_means),
-        "ms_per_token_runs": [1000.0 * mean for mean in run_means],
-        "ms_per_token_median": 1000.0 * statistics.median(step_times),
-        "ms_per_token_max": 1000.0 * max(step_times),
-        "cache_bytes": cache_bytes,
-        "cache_bytes_after_decode": cache_bytes_after,
+        "ms_per_token": 1000.0 * statistics.median(means),
+        "ms_per_token_runs": [1000.0 * mean for mean in means],
+        "ms_per_token_median": 1000.0 * statistics.median(steps),
+        "ms_per_token_max": 1000.0 * max(steps),
+        "cache_bytes": runs[-1]["cache_bytes"],
+        "cache_bytes_after_decode": runs[-1]["cache_bytes_after_decode"],
     }
 
 
@@ -541,17 +544,16 @@ def run_benchmark(
     tasks: list[tuple[str, str, int, Callable[..., dict[str, Any]]]] = []
     training_variants = [name for name in variants if name != ATLAS_COMPILED]
     tasks += [("train", name, length, measure_training) for length in grid.train_lengths for name in training_variants]
-    for section, lengths, measure in (
-        ("prefill", grid.prefill_lengths, measure_prefill),
-        ("decode", grid.decode_contexts, measure_decode),
-    ):
-        compiled_lengths = _compiled_lengths(lengths, grid.compile_lengths)
-        tasks += [
-            (section, name, length, measure)
-            for length in lengths
-            for name in variants
-            if name != ATLAS_COMPILED or length in compiled_lengths
-        ]
+    prefill_cells = _cells(variants, grid.prefill_lengths, grid.compile_lengths)
+    tasks += [("prefill", name, length, measure_prefill) for name, length in prefill_cells]
+    # Decode runs go round-robin over the cells, `repeats` times, so that a slow spell of a shared machine falls
+    # on every context alike instead of on the last ones (the flatness goal compares contexts).
+    decode_cells = _cells(variants, grid.decode_contexts, grid.compile_lengths)
+    tasks += [
+        ("decode", name, length, measure_decode_run) for _ in range(grid.repeats) for name, length in decode_cells
+    ]
+    decode_runs: dict[tuple[str, int], list[dict[str, Any]]] = {cell: [] for cell in decode_cells}
+    decode_errors: dict[tuple[str, int], str] = {}
     compile_failed: str | None = None
     bar = tqdm(tasks, desc="benchmark", disable=not progress)
     for section, name, length, measure in bar:
@@ -560,6 +562,8 @@ def run_benchmark(
         row: dict[str, Any] = {"variant": name, key: length}
         if name == ATLAS_COMPILED and compile_failed is not None:
             row["error"] = f"skipped: compilation failed earlier ({compile_failed})"
+        elif section == "decode" and (name, length) in decode_errors:
+            continue
         else:
             try:
                 row.update(measure(variants[name], length, grid, device, seed))
@@ -570,7 +574,19 @@ def run_benchmark(
                 bar.write(f"{section} {name} {length}: {row['error']}")
             finally:
                 _release_device_memory(device)
-        results[section].append(row)
+        if section != "decode":
+            results[section].append(row)
+        elif "error" in row:
+            decode_errors[(name, length)] = row["error"]
+        else:
+            decode_runs[(name, length)].append(row)
+    for name, length in decode_cells:
+        row = {"variant": name, "context": length}
+        if (name, length) in decode_errors:
+            row["error"] = decode_errors[(name, length)]
+        else:
+            row.update(summarize_decode_runs(decode_runs[(name, length)]))
+        results["decode"].append(row)
     if compile_backend is not None:
         results["compile"] = compile_summary(compile_backend)
     results["goals"] = evaluate_goals(results, grid)
@@ -582,6 +598,16 @@ def _compiled_lengths(lengths: Sequence[int], compile_lengths: Sequence[int] | N
     if compile_lengths is None:
         return list(lengths)
     return [length for length in lengths if length in compile_lengths] or [min(lengths)]
+
+
+def _cells(
+    variants: dict[str, Variant], lengths: Sequence[int], compile_lengths: Sequence[int] | None
+) -> list[tuple[str, int]]:
+    """(variant, length) cells of a section, by length; the compiled variant only at its lengths."""
+    if not lengths:
+        return []
+    compiled = _compiled_lengths(lengths, compile_lengths)
+    return [(name, length) for length in lengths for name in variants if name != ATLAS_COMPILED or length in compiled]
 
 
 def _device_name(device: torch.device) -> str:
