@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 from atlas_mag import AtlasMAGConfig  # noqa: E402
 from atlas_mag.benchmark import (  # noqa: E402
+    COMPILE_SCOPES,
     FULL_GRID,
     QUICK_GRID,
     override_grid,
@@ -52,6 +53,12 @@ def main() -> None:
         "--compile-backend",
         help="torch.compile backend of the compiled row (default: inductor; eager with --quick, because "
         "inductor's C++ code generation takes minutes on a small CPU)",
+    )
+    parser.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        default="model",
+        help="compile the whole forward (model) or each block (blocks: regional compilation, much faster to compile)",
     )
     parser.add_argument(
         "--tf32",
@@ -92,7 +99,14 @@ def main() -> None:
     )
     backend = args.compile_backend or ("eager" if args.quick else "inductor")
     try:
-        results = run_benchmark(config, grid, args.device, dtype, compile_backend=None if args.no_compile else backend)
+        results = run_benchmark(
+            config,
+            grid,
+            args.device,
+            dtype,
+            compile_backend=None if args.no_compile else backend,
+            compile_scope=args.compile_scope,
+        )
     except ValueError as error:
         sys.exit(f"error: {error}")
     paths = write_report(results, args.output_dir)

@@ -22,6 +22,7 @@ from atlas_mag.benchmark import (
     LLAMA,
     BenchmarkGrid,
     PeakMemory,
+    build_variants,
     cache_nbytes,
     evaluate_goals,
     llama_config_for,
@@ -250,3 +251,16 @@ def test_script_refuses_bad_lengths():
     for bad in ("16,-4", "16,x", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="lengths|integers"):
             script.lengths(bad)
+
+
+def test_regional_compilation_compiles_each_block_of_a_copy():
+    config = tiny_config()
+    variants = build_variants(config, 64, torch.device("cpu"), torch.float32, "eager", compile_scope="blocks")
+    compiled, eager = variants[ATLAS_COMPILED], variants[ATLAS_TTL_ON]
+    assert compiled.model is not eager.model
+    assert all(block._compiled_call_impl is not None for block in compiled.model.model.layers)
+    ids = torch.randint(4, config.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, eager(input_ids=ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="compile_scope"):
+        build_variants(config, 64, torch.device("cpu"), torch.float32, "eager", compile_scope="layers")
