@@ -155,7 +155,8 @@ def run_main_job(settings: MainJobSettings) -> dict[str, Any]:
         ),
         provenance=(
             f"Trained by `make main` (atlas_mag.main_job), seed {settings.seeds[saved]}, {settings.recipe.steps} AdamW "
-            f"steps of batch {settings.recipe.batch_size} on synthetic sequences ({task})."
+            f"steps of batch {settings.recipe.batch_size} (the first {settings.recipe.single_pair_steps} on a single "
+            f"pair) on synthetic sequences ({task})."
         ),
         datasets=[],
     )
@@ -191,7 +192,8 @@ def format_report(result: dict[str, Any]) -> str:
         "Atlas-MAG main job: associative recall beyond the sliding window",
         f"  task: {task['num_pairs']} key-value pairs, {task['gap']} filler tokens, {task['num_queries']} queries; "
         f"receptive field without TTL {summary['receptive_field_without_ttl']} tokens",
-        f"  model: {summary['num_parameters']:,} parameters; {summary['recipe']['steps']} steps per seed, "
+        f"  model: {summary['num_parameters']:,} parameters; {summary['recipe']['steps']} steps per seed (the first "
+        f"{summary['recipe']['single_pair_steps']} on one pair), "
         f"seeds {summary['seeds']}; {summary['eval_queries_per_seed']} test queries per seed",
         f"  recall, TTL on:              {spread('ttl_on')}",
         f"  recall, TTL off:             {spread('ttl_off')}",

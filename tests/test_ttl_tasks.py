@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from atlas_mag import AtlasMAGForCausalLM
 from atlas_mag.demo import run_demo
-from atlas_mag.main_job import MainJobSettings, run_main_job
+from atlas_mag.main_job import MainJobSettings, format_report, run_main_job
 from atlas_mag.niah import CONDITIONS, answer_under, build_prompt, is_correct, run_niah, write_niah_report
 from atlas_mag.recall import (
     RecallTask,
@@ -289,6 +289,8 @@ def test_main_job_end_to_end(tmp_path):
     )
     result = run_main_job(settings)
     files = result["files"]
+    report = format_report(result)
+    assert "recall, TTL on" in report and "recall, TTL off" in report and str(files["model"]) in report
     model_dir = Path(files["model"])
     for name in ("config.json", "model.safetensors", "modeling_atlas.py", "configuration_atlas.py", "README.md"):
         assert (model_dir / name).is_file(), name
