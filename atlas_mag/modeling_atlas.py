@@ -992,72 +992,101 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         attention_ring = in_place and attention_full
         memory_ring = in_place and uses_memory and memory_full
         state = state.prepare(attention_ring, memory_ring)
-        changes: dict[str, Any] = {}
-        writes: tuple[HistoryWrite, ...] = ()
         gradient_norms = None
-
-        def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-            nonlocal writes
-            if attention_ring:
-                output, *attention_writes = self.self_attn.attend_one_token(query, key, value, token_mask, state)
-                writes += tuple(attention_writes)
-                changes["attention_ring_steps"] = state.attention_ring_steps + 1
-                return output
-            output, history = self.self_attn.attend(query, key, value, token_mask, state)
-            changes.update(history)
-            return output
-
         normed = self.input_norm(hidden_states)
         query, key, value = self.self_attn.project(normed, cos, sin)
         if not uses_memory:
-            hidden_states = hidden_states + attend(query, key, value)
+            attn_output, changes, writes = self._attend(query, key, value, token_mask, state, attention_ring)
+            hidden_states = hidden_states + attn_output
         else:
-            gamma = torch.sigmoid(self.gamma_gate(normed).squeeze(-1).float())
-            # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision.
-            with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-                token_weights = gamma * token_mask
-                memory_query, memory_key, memory_value = _merge_heads(query), _merge_heads(key), _merge_heads(value)
-                if memory_ring:
-                    steps = state.memory_ring_steps
-                    window = self.config.omega_window
-                    decay = omega_decay_oldest_first(window, self.config.omega_decay, query.device)
-                    key_weights = decay.roll(steps % window) * state.qk_weights
-                    memory_queries = qk_projection_one_query(memory_query, state.qk_keys, key_weights, self.config)
-                    memory_output, memory, momentum, gradient_norms = self.memory.read_and_learn_one_token(
-                        memory_queries, memory_value, token_weights, token_mask, state, schedule
-                    )
-                    writes += (
-                        _ring_write(state.qk_keys, 1, steps, memory_key[:, 0]),
-                        _ring_write(state.qk_weights, 1, steps, token_weights[:, 0]),
-                        _ring_write(state.omega_queries, 1, steps, memory_queries[:, 0]),
-                        _ring_write(state.omega_values, 1, steps, memory_value[:, 0]),
-                        _ring_write(state.omega_weights, 1, steps, token_weights[:, 0]),
-                        _ring_write(state.omega_valid, 1, steps, token_mask[:, 0]),
-                    )
-                    changes["memory_ring_steps"] = steps + 1
-                else:
-                    flat_keys = _append_history(state.qk_keys, memory_key, 1)
-                    key_weights = _append_history(state.qk_weights, token_weights, 1)
-                    memory_queries = qk_projection(memory_query, flat_keys, key_weights, self.config)
-                    memory_output, memory, momentum, omega_history, gradient_norms = self.memory.read_and_learn(
-                        memory_queries, memory_value, token_weights, token_mask, state, schedule
-                    )
-                    changes.update(
-                        qk_keys=_keep_last(flat_keys, self.config.omega_window, 1),
-                        qk_weights=_keep_last(key_weights, self.config.omega_window, 1),
-                        **omega_history,
-                    )
-                changes.update(memory=memory, momentum=momentum)
+            memory_output, changes, writes, gradient_norms = self._read_memory(
+                normed, query, key, value, token_mask, state, schedule, memory_ring
+            )
             if self.config.block_type == "mag":
-                attn_output = attend(query, key, value)
+                attn_output, attention_changes, attention_writes = self._attend(
+                    query, key, value, token_mask, state, attention_ring
+                )
                 hidden_states = hidden_states + attn_output * torch.sigmoid(memory_output).to(hidden_states.dtype)
             else:
                 # Memory as layer: the memory's output joins the attention input.
                 query, key, value = self.self_attn.project(normed + memory_output.to(normed.dtype), cos, sin)
-                hidden_states = hidden_states + attend(query, key, value)
+                attn_output, attention_changes, attention_writes = self._attend(
+                    query, key, value, token_mask, state, attention_ring
+                )
+                hidden_states = hidden_states + attn_output
+            changes |= attention_changes
+            writes += attention_writes
         new_state = replace(state, **changes, pending_writes=state.pending_writes + writes)
         hidden_states = hidden_states + self.mlp(self.post_attention_norm(hidden_states))
         return hidden_states, new_state, gradient_norms
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        token_mask: torch.Tensor,
+        state: AtlasMAGLayerState,
+        ring: bool,
+    ) -> tuple[torch.Tensor, dict[str, Any], tuple[HistoryWrite, ...]]:
+        """Attention output, the state changes and the in-place writes of the attention window."""
+        if ring:
+            output, *writes = self.self_attn.attend_one_token(query, key, value, token_mask, state)
+            return output, {"attention_ring_steps": state.attention_ring_steps + 1}, tuple(writes)
+        output, history = self.self_attn.attend(query, key, value, token_mask, state)
+        return output, history, ()
+
+    def _read_memory(
+        self,
+        normed: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        token_mask: torch.Tensor,
+        state: AtlasMAGLayerState,
+        schedule: list[TTLUpdate],
+        ring: bool,
+    ) -> tuple[torch.Tensor, dict[str, Any], tuple[HistoryWrite, ...], torch.Tensor | None]:
+        """The memory's output (it learns on the way, per `schedule`), the state changes, the in-place writes of
+        the Q-K and Omega histories, and the TTL gradient norms."""
+        gamma = torch.sigmoid(self.gamma_gate(normed).squeeze(-1).float())
+        # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision.
+        with torch.autocast(device_type=normed.device.type, enabled=False):
+            token_weights = gamma * token_mask
+            memory_query, memory_key, memory_value = _merge_heads(query), _merge_heads(key), _merge_heads(value)
+            if not ring:
+                flat_keys = _append_history(state.qk_keys, memory_key, 1)
+                key_weights = _append_history(state.qk_weights, token_weights, 1)
+                memory_queries = qk_projection(memory_query, flat_keys, key_weights, self.config)
+                output, memory, momentum, omega_history, gradient_norms = self.memory.read_and_learn(
+                    memory_queries, memory_value, token_weights, token_mask, state, schedule
+                )
+                changes = {
+                    "qk_keys": _keep_last(flat_keys, self.config.omega_window, 1),
+                    "qk_weights": _keep_last(key_weights, self.config.omega_window, 1),
+                    **omega_history,
+                    "memory": memory,
+                    "momentum": momentum,
+                }
+                return output, changes, (), gradient_norms
+            steps = state.memory_ring_steps
+            window = self.config.omega_window
+            decay = omega_decay_oldest_first(window, self.config.omega_decay, query.device)
+            key_weights = decay.roll(steps % window) * state.qk_weights
+            memory_queries = qk_projection_one_query(memory_query, state.qk_keys, key_weights, self.config)
+            output, memory, momentum, gradient_norms = self.memory.read_and_learn_one_token(
+                memory_queries, memory_value, token_weights, token_mask, state, schedule
+            )
+        writes = (
+            _ring_write(state.qk_keys, 1, steps, memory_key[:, 0]),
+            _ring_write(state.qk_weights, 1, steps, token_weights[:, 0]),
+            _ring_write(state.omega_queries, 1, steps, memory_queries[:, 0]),
+            _ring_write(state.omega_values, 1, steps, memory_value[:, 0]),
+            _ring_write(state.omega_weights, 1, steps, token_weights[:, 0]),
+            _ring_write(state.omega_valid, 1, steps, token_mask[:, 0]),
+        )
+        changes = {"memory_ring_steps": steps + 1, "memory": memory, "momentum": momentum}
+        return output, changes, writes, gradient_norms
 
 
 class AtlasMAGPreTrainedModel(PreTrainedModel):
