@@ -425,6 +425,26 @@ def newton_schulz(matrix: torch.Tensor, steps: int) -> torch.Tensor:
     return x.transpose(-1, -2) if transposed else x
 
 
+def newton_schulz_grouped(matrices: dict[str, torch.Tensor], steps: int) -> dict[str, torch.Tensor]:
+    """`newton_schulz` of several [B, m, n] matrices, one batched call per shape of their smaller Gram side
+    (each slice is normalised by its own norm, so batching changes nothing but the number of calls: in the
+    published model proj_down, proj_up^T and the memory MLP's weight are all [64, 512])."""
+    oriented = {
+        name: matrix.transpose(-1, -2) if matrix.shape[-2] > matrix.shape[-1] else matrix
+        for name, matrix in matrices.items()
+    }
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, matrix in oriented.items():
+        groups.setdefault(tuple(matrix.shape[1:]), []).append(name)
+    results = {}
+    for names in groups.values():
+        stacked = oriented[names[0]] if len(names) == 1 else torch.cat([oriented[name] for name in names])
+        parts = newton_schulz(stacked, steps).split(oriented[names[0]].shape[0])
+        for name, part in zip(names, parts, strict=True):
+            results[name] = part if oriented[name] is matrices[name] else part.transpose(-1, -2)
+    return results
+
+
 def omega_update_steps(
     grads: MemoryState, momentum: MemoryState | None, config: AtlasMAGConfig
 ) -> tuple[MemoryState, MemoryState, torch.Tensor]:
@@ -432,22 +452,25 @@ def omega_update_steps(
     `W = alpha W - step` applies. Muon orthogonalises matrices with Newton–Schulz and normalises vectors and the
     scalar by their norm; plain descent (OmegaNet) uses S as is. Returns steps, new momentum and the gradient
     norms [B, n_params] (for the adaptive learning rate and for diagnostics)."""
-    steps: MemoryState = {}
     new_momentum: MemoryState = {}
+    learning_rates = {}
     grad_norms = []
     for name, grad in grads.items():
         grad_norm = _sequence_norm(grad)
         grad_norms.append(grad_norm)
-        moment = grad if momentum is None else config.ttl_momentum * momentum[name] + grad
-        new_momentum[name] = moment
-        lr = config.ttl_lr / (1.0 + grad_norm) if config.ttl_adaptive_lr else torch.full_like(grad_norm, config.ttl_lr)
-        if config.memory_optimizer == "gd":
-            direction = moment
-        elif moment.dim() == 3:
-            direction = newton_schulz(moment, config.ttl_ns_steps)
-        else:
-            direction = moment / _per_sequence(_sequence_norm(moment).clamp(min=NORM_FLOOR), moment)
-        steps[name] = _per_sequence(lr, direction) * direction
+        new_momentum[name] = grad if momentum is None else config.ttl_momentum * momentum[name] + grad
+        learning_rates[name] = (
+            config.ttl_lr / (1.0 + grad_norm) if config.ttl_adaptive_lr else torch.full_like(grad_norm, config.ttl_lr)
+        )
+    if config.memory_optimizer == "gd":
+        directions = new_momentum
+    else:
+        matrices = {name: moment for name, moment in new_momentum.items() if moment.dim() == 3}
+        directions = newton_schulz_grouped(matrices, config.ttl_ns_steps)
+        for name, moment in new_momentum.items():
+            if moment.dim() != 3:
+                directions[name] = moment / _per_sequence(_sequence_norm(moment).clamp(min=NORM_FLOOR), moment)
+    steps = {name: _per_sequence(learning_rates[name], directions[name]) * directions[name] for name in grads}
     return steps, new_momentum, torch.stack(grad_norms, dim=1)
 
 

@@ -7,7 +7,13 @@ from conftest import tiny_config
 from reference_forward import memory as reference_memory
 
 from atlas_mag import AtlasMAGForCausalLM
-from atlas_mag.modeling_atlas import memory_forward, memory_loss_gradients, monomial_indices, newton_schulz
+from atlas_mag.modeling_atlas import (
+    memory_forward,
+    memory_loss_gradients,
+    monomial_indices,
+    newton_schulz,
+    newton_schulz_grouped,
+)
 
 MEMORY_VARIANTS = {
     "degree1": {"poly_degree": 1, "poly_rank": 8},
@@ -163,3 +169,20 @@ def test_monomial_indices_are_the_combinations_with_replacement(degree):
     assert torch.equal(indices, expected.reshape(-1, degree))
     if degree == 2:
         assert torch.equal(indices.T, torch.triu_indices(5, 5))
+
+
+def test_grouped_newton_schulz_equals_one_call_per_matrix():
+    """Matrices whose smaller Gram side has the same shape share one batched call; each result is the one of
+    its own call (a [8, 4] matrix joins the [4, 8] ones through its transpose)."""
+    torch.manual_seed(0)
+    matrices = {
+        "down": torch.randn(2, 4, 8, dtype=torch.float64),
+        "up": torch.randn(2, 8, 4, dtype=torch.float64),
+        "mlp": torch.randn(2, 4, 8, dtype=torch.float64),
+        "square": torch.randn(2, 3, 3, dtype=torch.float64),
+    }
+    grouped = newton_schulz_grouped(matrices, 5)
+    assert set(grouped) == set(matrices)
+    for name, matrix in matrices.items():
+        assert grouped[name].shape == matrix.shape
+        torch.testing.assert_close(grouped[name], newton_schulz(matrix, 5), rtol=0, atol=1e-12)
