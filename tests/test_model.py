@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 from reference_forward import reference_logits
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM
@@ -262,6 +263,39 @@ def test_cache_size_does_not_grow():
                 sizes[step] = cache.nbytes()
     assert sizes[2000] == sizes[8000] > 0
     assert cache.get_seq_length() == 8020
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every dispatched operation with the shapes of its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        self.calls.append((str(func), shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def test_decoding_runs_the_same_operations_at_any_context():
+    """Constant-cost decoding, checked without a clock: a chunk of decoding steps (one memory update included)
+    dispatches the same operations on tensors of the same shapes after 40 and after 400 tokens of context."""
+    model = make_model()
+    chunk = model.config.ttl_chunk_size
+    recorded = []
+    for context in (40, 400):
+        ids = torch.randint(0, model.config.vocab_size, (2, context + chunk))
+        first, *tokens = ids[:, context:].split(1, dim=1)
+        with torch.no_grad():
+            cache = model(ids[:, :context]).past_key_values
+            model(first, past_key_values=cache)  # fills the model's small caches (decay table) on first use
+            with _RecordOps() as ops:
+                for token in [*tokens, first]:
+                    model(token, past_key_values=cache)
+        recorded.append(ops.calls)
+    assert recorded[0] == recorded[1]
+    assert sum("baddbmm" in name for name, _ in recorded[0]) > 0  # the chunk includes a Muon update
 
 
 def test_memory_math_is_fp32_under_bf16():
