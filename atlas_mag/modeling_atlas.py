@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Any
 
 import torch
@@ -165,7 +165,20 @@ def sliding_window_attention(
     return torch.cat(outputs, dim=2)
 
 
-@lru_cache(maxsize=32)
+def _cached_constant(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Cache a constant tensor per argument tuple, built outside inference mode: a tensor first built under
+    `torch.inference_mode()` could not be saved for backward by a later training step."""
+
+    @lru_cache(maxsize=32)
+    @wraps(build)
+    def cached(*args: Any) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return build(*args)
+
+    return cached
+
+
+@_cached_constant
 def omega_decay_table(window: int, decay: float, device: torch.device) -> torch.Tensor:
     """Weight of a key `distance` positions before the query, for distance 0..window+1: decay^(distance-1)
     inside the Omega window [1, window], 0 outside (index with the distance clamped to [0, window + 1])."""
@@ -174,7 +187,7 @@ def omega_decay_table(window: int, decay: float, device: torch.device) -> torch.
     return table
 
 
-@lru_cache(maxsize=32)
+@_cached_constant
 def omega_decay_oldest_first(window: int, decay: float, device: torch.device) -> torch.Tensor:
     """decay^(window-1), ..., decay^0: the weights of the `window` keys before a query, oldest first."""
     return omega_decay_table(window, decay, device)[1 : window + 1].flip(0)
@@ -245,7 +258,7 @@ def qk_projection_one_query(
 MemoryState = dict[str, torch.Tensor]
 
 
-@lru_cache(maxsize=32)
+@_cached_constant
 def monomial_indices(key_dim: int, degree: int, device: torch.device) -> torch.Tensor:
     """Index tuples of the degree-`degree` monomials, [F, degree], in combinations-with-replacement order
     (for degree 2 this is `torch.triu_indices(key_dim, key_dim)` order). Plain Python, so that `torch.compile`
@@ -966,7 +979,6 @@ class AtlasMAGAttention(nn.Module):
             _ring_write(state.attn_values, 2, steps, value[:, :, 0]),
             _ring_write(state.attn_valid, 1, steps, token_mask[:, 0]),
         )
-
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:

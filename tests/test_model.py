@@ -8,7 +8,7 @@ from reference_forward import reference_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM
+from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM, modeling_atlas
 from atlas_mag.modeling_atlas import ATTENTION_HISTORY, MEMORY_HISTORY, ttl_schedule, unpadded_ttl_schedule
 
 # Variants of the Atlas family (issue 7) that every equivalence and isolation test runs over.
@@ -241,6 +241,21 @@ def test_ttl_runs_in_every_mode_and_never_touches_parameters():
     assert torch.allclose(training, reference, atol=1e-6)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} changed"
+
+
+def test_training_after_serving_under_inference_mode():
+    """The model's cached constants (monomial indices, Omega decay weights) are first built here under
+    inference_mode, prefill and decoding; a training step afterwards must still be able to save them."""
+    for name in ("monomial_indices", "omega_decay_table", "omega_decay_oldest_first"):
+        getattr(modeling_atlas, name).cache_clear()
+    model = make_model()
+    ids = torch.randint(0, model.config.vocab_size, (1, 30))
+    with torch.inference_mode():
+        cache = model(ids[:, :20]).past_key_values
+        for t in range(20, 30):
+            model(ids[:, t : t + 1], past_key_values=cache)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    assert all(parameter.grad is not None for parameter in model.parameters())
 
 
 def test_two_calls_never_share_memory():
