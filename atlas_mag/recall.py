@@ -45,6 +45,14 @@ def receptive_field(config: AtlasMAGConfig) -> int:
     return config.num_hidden_layers * max(config.sliding_window - 1, config.omega_window)
 
 
+def _check_minimum(settings: Any, minimum: int, *names: str) -> None:
+    """Refuse a settings object whose named fields fall below `minimum`, naming the field."""
+    for name in names:
+        value = getattr(settings, name)
+        if value < minimum:
+            raise ValueError(f"{type(settings).__name__}.{name} must be >= {minimum}, got {value}")
+
+
 @dataclass(frozen=True)
 class RecallTask:
     """The shape of the task. Token ids: the four specials, then keys `k0..`, values `v0..` and filler `f0..`."""
@@ -57,11 +65,8 @@ class RecallTask:
     gap: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("num_keys", "num_values", "num_filler", "num_pairs", "num_queries"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RecallTask.{name} must be >= 1, got {getattr(self, name)}")
-        if self.gap < 0:
-            raise ValueError(f"RecallTask.gap must be >= 0, got {self.gap}")
+        _check_minimum(self, 1, "num_keys", "num_values", "num_filler", "num_pairs", "num_queries")
+        _check_minimum(self, 0, "gap")
         if self.num_pairs > self.num_keys:
             raise ValueError(f"num_pairs ({self.num_pairs}) exceeds num_keys ({self.num_keys}): keys must be distinct")
         if self.num_queries > self.num_pairs:
@@ -199,11 +204,8 @@ class TrainingRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "candidates", "slice_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainingRecipe.{name} must be >= 1, got {getattr(self, name)}")
-        if self.single_pair_steps < 0:
-            raise ValueError(f"TrainingRecipe.single_pair_steps must be >= 0, got {self.single_pair_steps}")
+        _check_minimum(self, 1, "steps", "batch_size", "candidates", "slice_steps")
+        _check_minimum(self, 0, "single_pair_steps")
 
 
 class RecallTrainer:
