@@ -46,7 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .configuration_atlas import AtlasMAGConfig
 from .modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
-from .reporting import atomic_write_bytes, write_text
+from .reporting import new_figure, save_figure, write_text
 
 ATLAS_TTL_ON = "atlas_ttl_on"
 ATLAS_TTL_OFF = "atlas_ttl_off"
@@ -875,10 +875,6 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 def plot_results(results: dict[str, Any], path: str | Path) -> None:
     """Decode ms/token and cache size against context, and prefill tokens/s against length, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
 
     panels = (
@@ -886,7 +882,8 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
         ("decode", "context", "cache_bytes", 1 / MIB, "cache after the context (MiB)", "context tokens"),
         ("prefill", "length", "tokens_per_s", 1.0, "prefill: tokens/s", "prompt tokens"),
     )
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    figure = new_figure(5 * len(panels), 4)
+    axes = figure.subplots(1, len(panels))
     for axis, (section, key, field, scale, title, xlabel) in zip(axes, panels, strict=True):
         for variant in _variants_in(results[section]):
             points = [
@@ -909,10 +906,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
     meta = results["meta"]
     figure.suptitle(f"Atlas-MAG vs same-size Llama — {meta['device']}, {meta['dtype']}")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(figure, path)
 
 
 def _short_length(length: int) -> str:
