@@ -33,6 +33,13 @@ CONDITIONS: dict[str, dict[str, bool]] = {
 }
 
 
+
+def condition_switches(condition: str) -> dict[str, bool]:
+    """The model's per-call switches for one of `CONDITIONS`."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; expected one of {tuple(CONDITIONS)}")
+    return CONDITIONS[condition]
+
 def load_model_folder(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .demo import CONDITIONS, greedy_generate
+from .demo import CONDITIONS, condition_switches, greedy_generate
 from .reporting import markdown_table, new_figure, save_figure, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -158,10 +158,9 @@ def answer_under(
     max_new_tokens: int,
 ) -> str:
     """The greedy answer to `prompt` under one of `CONDITIONS`."""
-    if condition not in CONDITIONS:
-        raise ValueError(f"unknown condition {condition!r}; expected one of {tuple(CONDITIONS)}")
+    switches = condition_switches(condition)
     ids = torch.tensor([prompt.input_ids], device=next(model.parameters()).device)
-    new_ids = greedy_generate(model, tokenizer, ids, max_new_tokens, **CONDITIONS[condition])
+    new_ids = greedy_generate(model, tokenizer, ids, max_new_tokens, **switches)
     return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 

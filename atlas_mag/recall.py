@@ -30,7 +30,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from .configuration_atlas import AtlasMAGConfig
-from .demo import CONDITIONS
+from .demo import CONDITIONS, condition_switches
 from .modeling_atlas import AtlasMAGForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -293,15 +293,14 @@ def recall_accuracy(
     model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor, condition: str, batch_size: int = 256
 ) -> float:
     """Fraction of queried values predicted (argmax over the whole vocabulary) under `condition`."""
-    if condition not in CONDITIONS:
-        raise ValueError(f"unknown condition {condition!r}; expected one of {tuple(CONDITIONS)}")
+    switches = condition_switches(condition)
     model.eval()
     device = next(model.parameters()).device
     correct = total = 0
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         targets = labels[start : start + batch_size, 1:].to(device)
-        logits = model(ids, use_cache=False, **CONDITIONS[condition]).logits
+        logits = model(ids, use_cache=False, **switches).logits
         scored = targets != -100
         correct += (logits[:, :-1].argmax(-1)[scored] == targets[scored]).sum().item()
         total += scored.sum().item()
