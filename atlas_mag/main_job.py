@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import pipeline
 
 from . import hub
+from .demo import load_model_folder
 from .recall import (
     RecallTask,
     TrainingRecipe,
@@ -100,8 +101,7 @@ def plot_recall_by_gap(summary: dict[str, Any], path: Path) -> Path:
 def serve_queries(model_dir: Path, task: RecallTask, count: int = 32, seed: int = 7) -> dict[str, Any]:
     """Reload the saved folder as a user would and answer `count` fresh queries (each the first query of a new
     sequence) with `pipeline("text-generation")`, TTL on and off."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = load_model_folder(model_dir)
     input_ids, labels = task.sample(count, torch.Generator().manual_seed(seed))
     first_answer = int((labels[0] != -100).nonzero()[0])  # the same position in every sequence
     prompts = [tokenizer.decode(row[:first_answer]) for row in input_ids]
