@@ -17,15 +17,18 @@ from conftest import tiny_config
 from atlas_mag import AtlasMAGCache, AtlasMAGForCausalLM
 from atlas_mag.benchmark import (
     ATLAS_COMPILED,
+    ATLAS_NO_CACHE,
     ATLAS_TTL_OFF,
     ATLAS_TTL_ON,
     LLAMA,
     BenchmarkGrid,
     PeakMemory,
+    Variant,
     build_variants,
     cache_nbytes,
     evaluate_goals,
     llama_config_for,
+    measure_decode_run,
     profile_atlas,
     render_markdown,
     run_benchmark,
@@ -48,6 +51,7 @@ TINY_GRID = BenchmarkGrid(
     goal_decode_far=32,
     goal_decode_vs_llama_from=16,
     compile_lengths=(8, 16),
+    no_cache_decode_tokens=2,
 )
 
 
@@ -80,6 +84,34 @@ def test_every_cell_is_measured_and_a_failing_compiler_is_recorded(benchmark_res
         if row["variant"] != ATLAS_COMPILED:
             assert row["ms_per_token_median"] <= row["ms_per_token_max"]
             assert 0 < row["ms_per_token"] <= row["ms_per_token_max"]
+
+
+def test_no_cache_baseline_recomputes_the_whole_sequence_every_step(benchmark_results):
+    config = tiny_config()
+    model = AtlasMAGForCausalLM(config).eval()
+    calls = []
+
+    def recording_forward(input_ids, **kwargs):
+        calls.append((input_ids.clone(), kwargs))
+        return model(input_ids=input_ids, **kwargs)
+
+    variant = Variant("no cache", model, recording_forward, {"ttl": False}, recompute_prefix=True)
+    run = measure_decode_run(variant, 16, TINY_GRID, torch.device("cpu"))
+    steps = TINY_GRID.warmup + TINY_GRID.no_cache_decode_tokens
+    assert [ids.shape for ids, _ in calls] == [(TINY_GRID.batch_size, 16 + i) for i in range(1, steps + 1)]
+    for (shorter, _), (longer, _) in zip(calls, calls[1:], strict=False):
+        assert torch.equal(longer[:, :-1], shorter)  # each step extends the sequence it recomputed before
+    assert all(kwargs == {"use_cache": False, "logits_to_keep": 1, "ttl": False} for _, kwargs in calls)
+    assert len(run["step_seconds"]) == TINY_GRID.no_cache_decode_tokens
+    assert run["cache_bytes"] is None
+
+    rows = [r for r in benchmark_results["decode"] if r["variant"] == ATLAS_NO_CACHE]
+    assert [r["context"] for r in rows] == [16, 32] and all(r["cache_bytes"] is None for r in rows)
+    assert not [r for r in benchmark_results["train"] + benchmark_results["prefill"] if r["variant"] == ATLAS_NO_CACHE]
+    markdown = render_markdown(benchmark_results)
+    assert "Cached decoding with TTL on is faster per token than no-cache decoding: " in markdown
+    cache_table = markdown.split("Cache after the context, KiB:")[1].split("Peak memory")[0]
+    assert "no cache" not in cache_table and "Atlas TTL on" in cache_table
 
 
 def test_cache_bytes(benchmark_results):
