@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache, wraps
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -149,11 +149,10 @@ def sliding_window_attention(
         end = min(start + QUERY_BLOCK, num_queries)
         key_lo = max(0, past + start - window + 1)
         key_hi = past + end
-        query_pos = torch.arange(past + start, past + end, device=query.device)
-        key_pos = torch.arange(key_lo, key_hi, device=query.device)
-        distance = query_pos[:, None] - key_pos[None, :]
-        in_window = (distance >= 0) & (distance < window)
-        mask = (in_window & key_valid[:, None, key_lo:key_hi]) | (distance == 0)
+        in_window, itself = sliding_window_band(
+            end - start, key_hi - key_lo, past + start - key_lo, window, query.device
+        )
+        mask = (in_window & key_valid[:, None, key_lo:key_hi]) | itself
         outputs.append(
             F.scaled_dot_product_attention(
                 query[:, :, start:end],
@@ -165,13 +164,16 @@ def sliding_window_attention(
     return torch.cat(outputs, dim=2)
 
 
-def _cached_constant(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+CachedValue = TypeVar("CachedValue")
+
+
+def _cached_constant(build: Callable[..., CachedValue]) -> Callable[..., CachedValue]:
     """Cache a constant tensor per argument tuple, built outside inference mode: a tensor first built under
     `torch.inference_mode()` could not be saved for backward by a later training step."""
 
     @lru_cache(maxsize=32)
     @wraps(build)
-    def cached(*args: Any) -> torch.Tensor:
+    def cached(*args: Any) -> CachedValue:
         with torch.inference_mode(False):
             return build(*args)
 
@@ -185,6 +187,34 @@ def omega_decay_table(window: int, decay: float, device: torch.device) -> torch.
     table = torch.zeros(window + 2, device=device)
     table[1 : window + 1] = decay ** torch.arange(window, dtype=torch.float32, device=device)
     return table
+
+
+@_cached_constant
+def block_distances(num_queries: int, num_keys: int, first_offset: int, device: torch.device) -> torch.Tensor:
+    """[num_queries, num_keys] distances `query position - key position` in a block whose first query sits
+    `first_offset` positions after its first key. Every block of a prefill with the same shape and offset shares
+    it, so the masks and decay weights built from it are built once per shape."""
+    query_pos = torch.arange(first_offset, first_offset + num_queries, device=device)
+    return query_pos[:, None] - torch.arange(num_keys, device=device)[None, :]
+
+
+@_cached_constant
+def sliding_window_band(
+    num_queries: int, num_keys: int, first_offset: int, window: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks of a `block_distances` block: the keys inside each query's causal window, and the query
+    itself."""
+    distance = block_distances(num_queries, num_keys, first_offset, device)
+    return (distance >= 0) & (distance < window), distance == 0
+
+
+@_cached_constant
+def omega_decay_block(
+    num_queries: int, num_keys: int, first_offset: int, window: int, decay: float, device: torch.device
+) -> torch.Tensor:
+    """The Omega-window decay weights (`omega_decay_table`) of a `block_distances` block."""
+    distance = block_distances(num_queries, num_keys, first_offset, device)
+    return omega_decay_table(window, decay, device)[distance.clamp(0, window + 1)]
 
 
 @_cached_constant
@@ -226,10 +256,9 @@ def qk_projection(
         if key_hi <= key_lo:
             outputs.append(persistent[:, start:end] / (normalizer + QK_EPS))
             continue
-        query_pos = torch.arange(past + start, past + end, device=query.device)
-        key_pos = torch.arange(key_lo, key_hi, device=query.device)
-        distance = (query_pos[:, None] - key_pos[None, :]).clamp(0, window + 1)
-        decay = omega_decay_table(window, config.omega_decay, query.device)[distance]
+        decay = omega_decay_block(
+            end - start, key_hi - key_lo, past + start - key_lo, window, config.omega_decay, query.device
+        )
         weights = decay[None] * key_weights[:, None, key_lo:key_hi]
         block_keys = keys[:, key_lo:key_hi]
         scores = torch.matmul(block_query, block_keys.transpose(1, 2)) * weights
@@ -275,9 +304,9 @@ def _bmm_t(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_norm(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = x.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
-    return (x - mean) * rstd, rstd
+    """LayerNorm without affine over the last dim: the normalised x and 1 / std (fused: one kernel, not four)."""
+    normed, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+    return normed, rstd
 
 
 def _layer_norm_backward(grad_normed: torch.Tensor, normed: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
