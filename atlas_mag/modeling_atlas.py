@@ -289,13 +289,29 @@ MemoryState = dict[str, torch.Tensor]
 
 @_cached_constant
 def monomial_indices(key_dim: int, degree: int, device: torch.device) -> torch.Tensor:
-    """Index tuples of the degree-`degree` monomials, [F, degree], in combinations-with-replacement order
-    (for degree 2 this is `torch.triu_indices(key_dim, key_dim)` order). Plain Python, so that `torch.compile`
-    folds it into a constant (`torch.combinations` has a data-dependent shape, which breaks graphs)."""
-    tuples: list[tuple[int, ...]] = [()]
-    for _ in range(degree):
-        tuples = [prefix + (index,) for prefix in tuples for index in range(prefix[-1] if prefix else 0, key_dim)]
-    return torch.tensor(tuples, dtype=torch.long, device=device)
+    """Where the degree-`degree` monomials sit in the flattened outer product of the degree-(`degree` - 1) block
+    with u ([F_{degree-1} * key_dim] -> [F_degree] positions), in combinations-with-replacement order of their
+    index tuples (for degree 2 this is `torch.triu_indices(key_dim, key_dim)` order): monomial (i_1 <= ... <= i_d)
+    is monomial (i_1, ..., i_{d-1}) times u_{i_d}. Plain Python, so that `torch.compile` folds it into a
+    constant (`torch.combinations` has a data-dependent shape, which breaks graphs)."""
+    monomials: list[tuple[int, ...]] = [(index,) for index in range(key_dim)]
+    positions = list(range(key_dim))
+    for _ in range(degree - 1):
+        positions = [p * key_dim + i for p, m in enumerate(monomials) for i in range(m[-1], key_dim)]
+        monomials = [m + (i,) for m in monomials for i in range(m[-1], key_dim)]
+    return torch.tensor(positions, dtype=torch.long, device=device)
+
+
+def monomial_blocks(projected: torch.Tensor, degree: int) -> list[torch.Tensor]:
+    """The monomials of u = `projected` [..., key_dim] of degrees 1..`degree`, one block per degree; each block
+    is the previous one times u, selected from their outer product (`monomial_indices`)."""
+    key_dim = projected.shape[-1]
+    blocks = [projected]
+    for block_degree in range(2, degree + 1):
+        outer = blocks[-1][..., :, None] * projected[..., None, :]
+        index = monomial_indices(key_dim, block_degree, projected.device)
+        blocks.append(outer.flatten(-2).index_select(-1, index))
+    return blocks
 
 
 def _bmm_t(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -341,10 +357,7 @@ def memory_forward(
     """
     eps = config.layer_norm_eps
     projected = _bmm_t(queries, state["proj_down.weight"])
-    raw_blocks = [projected]
-    for degree in range(2, config.poly_degree + 1):
-        index = monomial_indices(config.memory_key_dim, degree, queries.device)
-        raw_blocks.append(projected[..., index].prod(-1))
+    raw_blocks = monomial_blocks(projected, config.poly_degree)
     if config.feature_map == "taylor":
         coefficients = state["feature_coefficients"]
         blocks = [block * coefficients[:, i, None, None] for i, block in enumerate(raw_blocks)]
@@ -383,18 +396,23 @@ def memory_forward(
     return output, activations
 
 
-def polynomial_features_backward(
-    projected: torch.Tensor, grad_blocks: list[torch.Tensor], key_dim: int
-) -> torch.Tensor:
-    """Gradient of the monomial features with respect to the projected query u."""
-    grad = grad_blocks[0]
-    for degree, grad_block in enumerate(grad_blocks[1:], start=2):
+def polynomial_features_backward(raw_blocks: list[torch.Tensor], grad_blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Gradient with respect to the projected query u of the monomial blocks (`monomial_blocks`), from the
+    gradients of every block: from the highest degree down, block d = select(block_{d-1} outer u) passes its
+    gradient to u and to block d-1."""
+    projected = raw_blocks[0]
+    key_dim = projected.shape[-1]
+    grad_blocks = list(grad_blocks)
+    grad_projected = torch.zeros_like(projected)
+    for degree in range(len(raw_blocks), 1, -1):
+        previous = raw_blocks[degree - 2]
         index = monomial_indices(key_dim, degree, projected.device)
-        factors = projected[..., index]
-        for position in range(degree):
-            others = torch.cat([factors[..., :position], factors[..., position + 1 :]], dim=-1).prod(-1)
-            grad = grad.index_add(-1, index[:, position], grad_block * others)
-    return grad
+        grad_block = grad_blocks[degree - 1]
+        grad_outer = grad_block.new_zeros(*grad_block.shape[:-1], previous.shape[-1] * key_dim)
+        grad_outer = grad_outer.index_copy(-1, index, grad_block).unflatten(-1, (previous.shape[-1], key_dim))
+        grad_projected = grad_projected + (grad_outer * previous[..., :, None]).sum(-2)
+        grad_blocks[degree - 2] = grad_blocks[degree - 2] + (grad_outer * projected[..., None, :]).sum(-1)
+    return grad_projected + grad_blocks[0]
 
 
 def memory_loss_gradients(
@@ -447,7 +465,7 @@ def memory_loss_gradients(
             [(g * raw).sum((1, 2)) for g, raw in zip(grad_blocks, act["raw_blocks"], strict=True)], dim=1
         )
         grad_blocks = [g * coefficients[:, i, None, None] for i, g in enumerate(grad_blocks)]
-    grad_projected = polynomial_features_backward(act["projected"], grad_blocks, config.memory_key_dim)
+    grad_projected = polynomial_features_backward(act["raw_blocks"], grad_blocks)
     grads["proj_down.weight"] = torch.matmul(grad_projected.transpose(1, 2), act["queries"])
     return grads, losses
 

@@ -10,7 +10,7 @@ from atlas_mag import AtlasMAGForCausalLM
 from atlas_mag.modeling_atlas import (
     memory_forward,
     memory_loss_gradients,
-    monomial_indices,
+    monomial_blocks,
     newton_schulz,
     newton_schulz_grouped,
 )
@@ -163,13 +163,17 @@ def test_memory_math_stays_fp32_under_autocast():
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
-def test_monomial_indices_are_the_combinations_with_replacement(degree):
+def test_monomial_blocks_are_the_combinations_with_replacement(degree):
     """The feature order the config docstring documents (and degree 2 = the reference's triu order)."""
-    indices = monomial_indices(5, degree, torch.device("cpu"))
-    expected = torch.combinations(torch.arange(5), r=degree, with_replacement=True)
-    assert torch.equal(indices, expected.reshape(-1, degree))
+    u = torch.randn(2, 3, 5, dtype=torch.float64)
+    blocks = monomial_blocks(u, degree)
+    assert len(blocks) == degree
+    for block_degree, block in enumerate(blocks, start=1):
+        tuples = torch.combinations(torch.arange(5), r=block_degree, with_replacement=True)
+        assert torch.allclose(block, u[..., tuples.reshape(-1, block_degree)].prod(-1), rtol=1e-14, atol=0)
     if degree == 2:
-        assert torch.equal(indices.T, torch.triu_indices(5, 5))
+        rows, cols = torch.triu_indices(5, 5)
+        assert torch.allclose(blocks[1], u[..., rows] * u[..., cols], rtol=1e-14, atol=0)
 
 
 def test_grouped_newton_schulz_equals_one_call_per_matrix():
