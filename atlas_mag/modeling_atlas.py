@@ -512,26 +512,35 @@ def omega_update_steps(
     `W = alpha W - step` applies. Muon orthogonalises matrices with Newton–Schulz and normalises vectors and the
     scalar by their norm; plain descent (OmegaNet) uses S as is. Returns steps, new momentum and the gradient
     norms [B, n_params] (for the adaptive learning rate and for diagnostics)."""
-    new_momentum: MemoryState = {}
-    learning_rates = {}
-    grad_norms = []
-    for name, grad in grads.items():
-        grad_norm = _sequence_norm(grad)
-        grad_norms.append(grad_norm)
-        new_momentum[name] = grad if momentum is None else config.ttl_momentum * momentum[name] + grad
-        learning_rates[name] = (
-            config.ttl_lr / (1.0 + grad_norm) if config.ttl_adaptive_lr else torch.full_like(grad_norm, config.ttl_lr)
-        )
+    # Elementwise work on every parameter at once goes through `torch._foreach_*` (one dispatch, one kernel
+    # launch per list instead of one per parameter); norms are per sequence, so they stay per parameter.
+    names = list(grads)
+    grad_list = [grads[name] for name in names]
+    grad_norms = torch.stack([_sequence_norm(grad) for grad in grad_list], dim=1)
+    if momentum is None:
+        moments = grad_list
+    else:
+        decayed_momentum = torch._foreach_mul([momentum[name] for name in names], config.ttl_momentum)
+        moments = torch._foreach_add(decayed_momentum, grad_list)
+    new_momentum = dict(zip(names, moments, strict=True))
+    if config.ttl_adaptive_lr:
+        learning_rates = list((config.ttl_lr / (1.0 + grad_norms)).unbind(1))
+    else:
+        learning_rates = [torch.full_like(grad_norms[:, 0], config.ttl_lr)] * len(names)
     if config.memory_optimizer == "gd":
         directions = new_momentum
     else:
         matrices = {name: moment for name, moment in new_momentum.items() if moment.dim() == 3}
         directions = newton_schulz_grouped(matrices, config.ttl_ns_steps)
-        for name, moment in new_momentum.items():
-            if moment.dim() != 3:
-                directions[name] = moment / _per_sequence(_sequence_norm(moment).clamp(min=NORM_FLOOR), moment)
-    steps = {name: _per_sequence(learning_rates[name], directions[name]) * directions[name] for name in grads}
-    return steps, new_momentum, torch.stack(grad_norms, dim=1)
+        for index, name in enumerate(names):
+            if name not in directions:
+                # A vector or the scalar moves along S / ||S||: the division goes into its learning rate.
+                directions[name] = new_momentum[name]
+                learning_rates[index] = learning_rates[index] / _sequence_norm(new_momentum[name]).clamp(min=NORM_FLOOR)
+    direction_list = [directions[name] for name in names]
+    scales = [_per_sequence(rate, direction) for rate, direction in zip(learning_rates, direction_list, strict=True)]
+    steps = dict(zip(names, torch._foreach_mul(direction_list, scales), strict=True))
+    return steps, new_momentum, grad_norms
 
 
 # One TTL update: the column (position in the call) after which it happens, and the batch rows that learn there
@@ -710,7 +719,9 @@ class AtlasMAGMemory(nn.Module):
                 learn_state = {name: value.detach() for name, value in selected.items()}
             grads, _ = memory_loss_gradients(learn_state, *inputs, config, forward)
             steps, new_momentum, grad_norms = omega_update_steps(grads, selected_momentum, config)
-        updated = {name: config.ttl_decay * selected[name] - steps[name] for name in selected}
+        names = list(selected)
+        decayed = torch._foreach_mul([selected[name] for name in names], config.ttl_decay)
+        updated = dict(zip(names, torch._foreach_sub(decayed, [steps[name] for name in names]), strict=True))
         if every_row:
             return updated, new_momentum, grad_norms
         if momentum is None:

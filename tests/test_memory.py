@@ -13,6 +13,7 @@ from atlas_mag.modeling_atlas import (
     monomial_blocks,
     newton_schulz,
     newton_schulz_grouped,
+    omega_update_steps,
 )
 
 MEMORY_VARIANTS = {
@@ -160,6 +161,44 @@ def test_memory_math_stays_fp32_under_autocast():
     step = lr * reference_newton_schulz(g, config.ttl_ns_steps)
     expected = config.ttl_decay * initial["poly_compress.weight"][0] - step
     assert torch.allclose(learned["poly_compress.weight"][0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("adaptive_lr", [True, False])
+def test_update_steps_follow_the_reference_rule_with_momentum(adaptive_lr):
+    """A later step (momentum present) of every parameter, sequence by sequence, against the reference doc's
+    rule: S = 0.9 S + g, step = eta / (1 + ||g||) * (NS(S) for matrices, S / ||S|| otherwise)."""
+    config = tiny_config(ttl_adaptive_lr=adaptive_lr)
+    state = {name: value.double() for name, value in random_state(config, batch=2).items()}
+    grads = {name: torch.randn_like(value) for name, value in state.items()}
+    momentum = {name: torch.randn_like(value) for name, value in state.items()}
+    steps, new_momentum, grad_norms = omega_update_steps(grads, momentum, config)
+    for index, name in enumerate(state):
+        for row in range(2):
+            g = grads[name][row]
+            moment = config.ttl_momentum * momentum[name][row] + g
+            lr = config.ttl_lr / (1 + g.norm()) if adaptive_lr else config.ttl_lr
+            direction = reference_newton_schulz(moment, config.ttl_ns_steps) if g.dim() == 2 else moment / moment.norm()
+            torch.testing.assert_close(new_momentum[name][row], moment, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(steps[name][row], lr * direction, rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(grad_norms[row, index], g.norm(), rtol=1e-12, atol=0)
+
+
+def test_update_steps_are_differentiable():
+    """Backpropagation through updates differentiates the whole step (momentum, norms, Newton–Schulz, learning
+    rates): autograd against finite differences, for a matrix, a vector and the scalar."""
+    config = tiny_config()
+    state = {name: value.double() for name, value in random_state(config, batch=2).items()}
+    grads = {name: torch.randn_like(value) for name, value in state.items()}
+    momentum = {name: torch.randn_like(value) for name, value in state.items()}
+    varied = ("proj_down.weight", "output_norm.bias", "output_scale")
+
+    def update_steps(*inputs):
+        changed = {**grads, **dict(zip(varied, inputs, strict=True))}
+        steps, new_momentum, _ = omega_update_steps(changed, momentum, config)
+        return tuple(steps[name] for name in varied) + (new_momentum["proj_down.weight"],)
+
+    inputs = tuple(grads[name].clone().requires_grad_(True) for name in varied)
+    assert torch.autograd.gradcheck(update_steps, inputs)
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
