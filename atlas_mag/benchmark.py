@@ -942,7 +942,9 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
             ]
             if points:
                 xs, ys = zip(*sorted(points), strict=True)
-                axis.plot(xs, ys, marker="o", label=VARIANT_LABELS[variant])
+                # One colour per variant in every panel, so that the one legend holds for all of them.
+                color = f"C{list(VARIANT_LABELS).index(variant)}"
+                axis.plot(xs, ys, marker="o", color=color, label=VARIANT_LABELS[variant])
         lengths = sorted({row[key] for row in results[section]})
         axis.set_xscale("log", base=2)
         axis.set_xticks(lengths, [_short_length(length) for length in lengths])
@@ -951,10 +953,11 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
         axis.set_title(title)
         axis.set_xlabel(xlabel)
         axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
+    handles = {label: handle for axis in axes for handle, label in zip(*axis.get_legend_handles_labels(), strict=True)}
+    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False)
     meta = results["meta"]
     figure.suptitle(f"Atlas-MAG vs same-size Llama — {meta['device']}, {meta['dtype']}")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     save_figure(figure, path)
 
 
