@@ -98,7 +98,10 @@ class AtlasMAGConfig(PretrainedConfig):
             `0, C, 2C, ...`; every token reads the memory as it stood after the previous chunk, and one Omega-rule
             step follows each completed chunk.
         ttl_lr (`float`, defaults to 0.01): inner learning rate eta.
-        ttl_adaptive_lr (`bool`, defaults to `True`): divide eta by `1 + ||g||` (per parameter and sequence).
+        ttl_adaptive_lr (`bool`, defaults to `True`): divide eta by `1 + ||g||` (per parameter and sequence). With
+            `memory_optimizer="gd"` the divisor is at least `(1 - theta) ||S||`, so that no step is longer than
+            `eta / (1 - theta)`: after large gradients the momentum can be far longer than the current gradient,
+            and the uncapped rule made the memory diverge on long inputs.
         ttl_momentum (`float`, defaults to 0.9): momentum theta, `S = theta S + g`.
         ttl_decay (`float`, defaults to 0.999): weight decay alpha, `W = alpha W - eta * update(S)`.
         memory_optimizer (`str`, defaults to `"muon"`): `"muon"` orthogonalises the momentum of every matrix

@@ -524,7 +524,16 @@ def omega_update_steps(
         moments = torch._foreach_add(decayed_momentum, grad_list)
     new_momentum = dict(zip(names, moments, strict=True))
     if config.ttl_adaptive_lr:
-        learning_rates = list((config.ttl_lr / (1.0 + grad_norms)).unbind(1))
+        # eta / (1 + ||g||), the reference rule. Muon's directions are bounded, so that bounds its steps; plain
+        # descent applies S itself, and a gradient that shrinks after large ones leaves S far longer than g, which
+        # made the memory diverge on long inputs. Its divisor is therefore at least (1 - theta) ||S||: the same
+        # steps whenever S is no longer than a steady stream of such gradients would make it, and never longer
+        # than eta / (1 - theta).
+        divisors = 1.0 + grad_norms
+        if config.memory_optimizer == "gd":
+            moment_norms = torch.stack([_sequence_norm(moment) for moment in moments], dim=1)
+            divisors = torch.maximum(divisors, (1.0 - config.ttl_momentum) * moment_norms)
+        learning_rates = list((config.ttl_lr / divisors).unbind(1))
     else:
         learning_rates = [torch.full_like(grad_norms[:, 0], config.ttl_lr)] * len(names)
     if config.memory_optimizer == "gd":
@@ -1348,7 +1357,8 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
             layer = next(i for i, value in enumerate(means.tolist()) if not math.isfinite(value))
             raise FloatingPointError(
                 f"Atlas-MAG layer {layer}: the test-time-learning gradient of the memory is not finite (NaN or "
-                "inf). The memory state or the inputs hold NaNs; the cache was left as it was before this call."
+                "inf). The memory state or the inputs hold NaNs, or the memory diverged over this input (a smaller "
+                "`ttl_lr` keeps it bounded); the cache was left as it was before this call."
             )
         return means.detach()
 

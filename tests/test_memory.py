@@ -183,6 +183,32 @@ def test_update_steps_follow_the_reference_rule_with_momentum(adaptive_lr):
             torch.testing.assert_close(grad_norms[row, index], g.norm(), rtol=1e-12, atol=0)
 
 
+def test_plain_descent_follows_the_reference_rule_and_caps_runaway_steps():
+    """Plain descent takes the reference rule's step eta / (1 + ||g||) * S while S is no longer than a steady
+    stream of such gradients makes it; a momentum far longer than the current gradient (a gradient that has just
+    shrunk after large ones, which made the memory diverge) gives a step of length eta / (1 - theta) at most."""
+    config = tiny_config(memory_optimizer="gd")
+    state = {name: value.double() for name, value in random_state(config, batch=2).items()}
+    grads = {name: torch.randn_like(value) for name, value in state.items()}
+    momentum = {name: 0.5 * grads[name] for name in state}
+    steps, new_momentum, _ = omega_update_steps(grads, momentum, config)
+    for name in state:
+        for row in range(2):
+            g, moment = grads[name][row], new_momentum[name][row]
+            torch.testing.assert_close(moment, 1.45 * g)
+            torch.testing.assert_close(steps[name][row], config.ttl_lr / (1 + g.norm()) * moment)
+
+    grads = {name: 1e-3 * torch.randn_like(value) for name, value in state.items()}
+    momentum = {name: 1e6 * torch.randn_like(value) for name, value in state.items()}
+    steps, new_momentum, _ = omega_update_steps(grads, momentum, config)
+    longest = config.ttl_lr / (1 - config.ttl_momentum)
+    for name in state:
+        for row in range(2):
+            moment = new_momentum[name][row]
+            torch.testing.assert_close(steps[name][row], longest * moment / moment.norm())
+            assert steps[name][row].norm() <= longest * (1 + 1e-12)
+
+
 def test_update_steps_are_differentiable():
     """Backpropagation through updates differentiates the whole step (momentum, norms, Newton–Schulz, learning
     rates): autograd against finite differences, for a matrix, a vector and the scalar."""
