@@ -126,7 +126,10 @@ def _keep_last(tensor: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
     holds exactly the same bytes however it was built)."""
     if tensor.shape[dim] <= keep:
         return tensor
-    return tensor.narrow(dim, tensor.shape[dim] - keep, keep).clone()
+    kept = tensor.narrow(dim, tensor.shape[dim] - keep, keep)
+    # Copied into a new tensor rather than `clone()`d: inductor returns the clone of a slice as a view of the whole
+    # buffer, so a compiled prefill's cache held every position of the prompt.
+    return torch.empty_like(kept).copy_(kept)
 
 
 def sliding_window_attention(
@@ -169,15 +172,22 @@ CachedValue = TypeVar("CachedValue")
 
 def _cached_constant(build: Callable[..., CachedValue]) -> Callable[..., CachedValue]:
     """Cache a constant tensor per argument tuple, built outside inference mode: a tensor first built under
-    `torch.inference_mode()` could not be saved for backward by a later training step."""
+    `torch.inference_mode()` could not be saved for backward by a later training step. Inside a compiled graph
+    the constant is built in the trace instead (the compiler folds it; Dynamo does not trace through caches)."""
 
     @lru_cache(maxsize=32)
-    @wraps(build)
     def cached(*args: Any) -> CachedValue:
         with torch.inference_mode(False):
             return build(*args)
 
-    return cached
+    @wraps(build)
+    def constant(*args: Any) -> CachedValue:
+        if torch.compiler.is_compiling():
+            return build(*args)
+        return cached(*args)
+
+    constant.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return constant
 
 
 @_cached_constant
