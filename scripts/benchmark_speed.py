@@ -69,6 +69,11 @@ def main() -> None:
     parser.add_argument("--train-lengths", type=lengths)
     parser.add_argument("--prefill-lengths", type=lengths)
     parser.add_argument("--decode-contexts", type=lengths)
+    parser.add_argument(
+        "--compile-lengths",
+        type=lengths,
+        help="prefill lengths and decode contexts of the compiled row (each prefill length compiles anew)",
+    )
     parser.add_argument("--decode-tokens", type=int, help="timed decode steps per context")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -93,6 +98,7 @@ def main() -> None:
         train_lengths=args.train_lengths,
         prefill_lengths=args.prefill_lengths,
         decode_contexts=args.decode_contexts,
+        compile_lengths=args.compile_lengths,
         decode_tokens=args.decode_tokens,
         repeats=args.repeats,
         batch_size=args.batch_size,

@@ -257,7 +257,9 @@ def test_script_quick_run_with_tiny_lengths(tmp_path):
         sys.executable,
         "scripts/benchmark_speed.py",
         "--quick",
-        "--no-compile",
+        "--compile-backend=eager",
+        "--compile-scope=blocks",
+        "--compile-lengths=32",
         "--train-lengths=16",
         "--prefill-lengths=16,32",
         "--decode-contexts=32",
@@ -271,6 +273,9 @@ def test_script_quick_run_with_tiny_lengths(tmp_path):
     assert "## Goals" in done.stdout
     results = json.loads((tmp_path / "benchmark_speed.json").read_text())
     assert [r["length"] for r in results["prefill"] if r["variant"] == LLAMA] == [16, 32]
+    compiled = [r for r in results["prefill"] + results["decode"] if r["variant"] == ATLAS_COMPILED]
+    assert [(r.get("length"), r.get("context")) for r in compiled] == [(32, None), (None, 32)]
+    assert all("error" not in r for r in compiled), compiled
     assert results["meta"]["atlas_config"]["hidden_size"] == 128
     assert (tmp_path / "benchmark_speed.png").stat().st_size > 0
 
