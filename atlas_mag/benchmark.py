@@ -324,6 +324,7 @@ def build_variants(
     compile_backend: str | Callable[..., Any] | None,
     seed: int = 0,
     compile_scope: str = "model",
+    compile_mode: str | None = None,
 ) -> dict[str, Variant]:
     """The Atlas model (TTL on and off share its weights) and the same-size Llama, randomly initialised, and a
     decode-only baseline: the same Atlas weights generating the way the original implementation does (no cache,
@@ -331,7 +332,7 @@ def build_variants(
     original's T x T masks make it slower still). The compiled variant wraps the same module
     (`compile_scope="model"`: `torch.compile` of the whole forward) or a copy whose blocks are compiled one by
     one (`"blocks"`, regional compilation: one graph serves every layer, so compiling takes a fraction of the
-    time)."""
+    time). `compile_mode` is `torch.compile`'s mode (e.g. "reduce-overhead": CUDA graphs on a GPU)."""
     torch.manual_seed(seed)
     atlas = AtlasMAGForCausalLM(atlas_config).to(device=device, dtype=dtype)
     llama = LlamaForCausalLM(llama_config_for(atlas_config, max_length)).to(device=device, dtype=dtype)
@@ -344,11 +345,11 @@ def build_variants(
         if compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
         if compile_scope == "model":
-            compiled_model, compiled_forward = atlas, torch.compile(atlas, backend=compile_backend)
+            compiled_model, compiled_forward = atlas, torch.compile(atlas, backend=compile_backend, mode=compile_mode)
         else:
             compiled_model = compiled_forward = copy.deepcopy(atlas)
             for block in compiled_model.model.layers:
-                block.compile(backend=compile_backend)
+                block.compile(backend=compile_backend, mode=compile_mode)
         variants[ATLAS_COMPILED] = Variant(
             ATLAS_COMPILED,
             compiled_model,
@@ -550,6 +551,7 @@ def run_benchmark(
     seed: int = 0,
     progress: bool = True,
     compile_scope: str = "model",
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
     """Measure every section for every variant; a measurement that fails (out of memory, a compiler error) is
     recorded with its error and the run goes on. Returns a JSON-ready dict (see the module docstring)."""
@@ -560,7 +562,9 @@ def run_benchmark(
     if compile_backend is not None:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-    variants = build_variants(atlas_config, grid.max_length, device, dtype, compile_backend, seed, compile_scope)
+    variants = build_variants(
+        atlas_config, grid.max_length, device, dtype, compile_backend, seed, compile_scope, compile_mode
+    )
     atlas, llama = variants[ATLAS_TTL_ON].model, variants[LLAMA].model
     results: dict[str, Any] = {
         "meta": {
@@ -574,6 +578,7 @@ def run_benchmark(
             "memory_method": memory_method(device),
             "compile_backend": _backend_name(compile_backend),
             "compile_scope": compile_scope,
+            "compile_mode": compile_mode,
             "grid": asdict(grid),
             "atlas_config": atlas_config.to_diff_dict(),
             "atlas_parameters": sum(p.numel() for p in atlas.parameters()),
@@ -906,7 +911,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         ]
         lines += [
             "",
-            f"## torch.compile (backend {compile_info['backend']}, scope: {results['meta']['compile_scope']})",
+            f"## torch.compile (backend {compile_info['backend']}, scope: {results['meta']['compile_scope']}, "
+            f"mode: {results['meta'].get('compile_mode') or 'default'})",
             "",
             f"Dynamo compiled {compile_info['unique_graphs']} graphs from {compile_info['frames']} frames "
             f"({compile_info['frames_compiled']} traced) with {compile_info['graph_breaks']} graph breaks. "

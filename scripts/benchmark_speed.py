@@ -61,6 +61,12 @@ def main() -> None:
         help="compile the whole forward (model) or each block (blocks: regional compilation, much faster to compile)",
     )
     parser.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode of the compiled row (reduce-overhead: CUDA graphs on a GPU, which remove the "
+        "per-kernel launch cost of decoding; ignored by the eager backend)",
+    )
+    parser.add_argument(
         "--tf32",
         action="store_true",
         help="allow TF32 for fp32 matrix products (Atlas-MAG's memory and its test-time learning run in fp32)",
@@ -112,6 +118,7 @@ def main() -> None:
             dtype,
             compile_backend=None if args.no_compile else backend,
             compile_scope=args.compile_scope,
+            compile_mode=args.compile_mode,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")

@@ -260,6 +260,7 @@ def test_script_quick_run_with_tiny_lengths(tmp_path):
         "--compile-backend=eager",
         "--compile-scope=blocks",
         "--compile-lengths=32",
+        "--compile-mode=reduce-overhead",
         "--train-lengths=16",
         "--prefill-lengths=16,32",
         "--decode-contexts=32",
@@ -276,6 +277,8 @@ def test_script_quick_run_with_tiny_lengths(tmp_path):
     compiled = [r for r in results["prefill"] + results["decode"] if r["variant"] == ATLAS_COMPILED]
     assert [(r.get("length"), r.get("context")) for r in compiled] == [(32, None), (None, 32)]
     assert all("error" not in r for r in compiled), compiled
+    assert results["meta"]["compile_mode"] == "reduce-overhead"
+    assert "scope: blocks, mode: reduce-overhead" in done.stdout
     assert results["meta"]["atlas_config"]["hidden_size"] == 128
     assert (tmp_path / "benchmark_speed.png").stat().st_size > 0
 
