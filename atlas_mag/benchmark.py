@@ -458,7 +458,7 @@ def measure_decode_run(
     cache = cache_bytes = cache_bytes_after = None
     with torch.inference_mode():
         if not variant.recompute_prefix:
-            cache = variant(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            cache = variant(input_ids=ids, use_cache=True, logits_to_keep=1).cache
             cache_bytes = cache_nbytes(cache)
         for index in range(warmup + timed):
             token = steps[:, index : index + 1]
@@ -467,9 +467,9 @@ def measure_decode_run(
                 seconds, _ = _timed(lambda s=ids: variant(input_ids=s, use_cache=False, logits_to_keep=1), device)
             else:
                 seconds, output = _timed(
-                    lambda t=token, c=cache: variant(input_ids=t, past_key_values=c, use_cache=True), device
+                    lambda t=token, c=cache: variant(input_ids=t, cache=c, use_cache=True), device
                 )
-                cache = output.past_key_values
+                cache = output.cache
             if index >= warmup:
                 step_times.append(seconds)
         if cache is not None:
@@ -1009,14 +1009,14 @@ def profile_atlas(
 
     def prefill() -> None:
         nonlocal cache
-        cache = model(input_ids=ids, use_cache=True, logits_to_keep=1, ttl=ttl).past_key_values
+        cache = model(input_ids=ids, use_cache=True, logits_to_keep=1, ttl=ttl).cache
 
     def decode() -> None:
         nonlocal cache
         for index in range(decode_tokens):
             cache = model(
-                input_ids=steps[:, index : index + 1], past_key_values=cache, use_cache=True, ttl=ttl
-            ).past_key_values
+                input_ids=steps[:, index : index + 1], cache=cache, use_cache=True, ttl=ttl
+            ).cache
 
     for title, function in (
         (f"prefill of {prefill_length} tokens", prefill),

@@ -6,10 +6,11 @@ package: only `transformers` and the standard library.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
 
 MEMORY_OPTIMIZERS = ("muon", "gd")
 FEATURE_MAPS = ("polynomial", "taylor")
@@ -27,6 +28,49 @@ PRESETS: dict[str, dict[str, Any]] = {
     "atlas-large": dict(hidden_size=1536, num_hidden_layers=23, num_attention_heads=24, intermediate_size=4096,
                         poly_rank=1024),
 }
+
+
+# Keys that configs saved by Transformers 4.x and 5.x carry besides the installed release's own attributes (read
+# off a bare `PretrainedConfig()` below): the base class accepts or drops them, so they are not typos.
+SAVED_CONFIG_KEYS = frozenset(
+    {
+        "_attn_implementation_autoset",
+        "_commit_hash",
+        "_name_or_path",
+        "add_cross_attention",
+        "architectures",
+        "attn_implementation",
+        "auto_map",
+        "cross_attention_hidden_size",
+        "decoder_start_token_id",
+        "experts_implementation",
+        "finetuning_task",
+        "model_type",
+        "name_or_path",
+        "num_labels",
+        "output_attentions",
+        "per_layer_config",
+        "prefix",
+        "pruned_heads",
+        "return_dict",
+        "sep_token_id",
+        "task_specific_params",
+        "tf_legacy_loss",
+        "tie_encoder_decoder",
+        "tokenizer_class",
+        "torch_dtype",
+        "torchscript",
+        "transformers_version",
+        "use_bfloat16",
+        "is_decoder",
+    }
+)
+
+
+def _base_config_keys() -> frozenset[str]:
+    """Every key `PretrainedConfig` itself takes in the installed release, generation defaults included."""
+    bare = PretrainedConfig()
+    return frozenset(vars(bare)) | frozenset(bare.to_dict()) | frozenset(GenerationConfig().to_dict())
 
 
 def polynomial_feature_size(key_dim: int, degree: int) -> int:
@@ -193,6 +237,7 @@ class AtlasMAGConfig(PretrainedConfig):
         self.ttl_backprop_through_updates = ttl_backprop_through_updates
         self.use_cache = use_cache
         self._validate()
+        self._reject_unknown_keys(kwargs)
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -221,7 +266,38 @@ class AtlasMAGConfig(PretrainedConfig):
     def feature_size(self) -> int:
         return polynomial_feature_size(self.memory_key_dim, self.poly_degree)
 
+    def _reject_unknown_keys(self, kwargs: dict[str, Any]) -> None:
+        """A key that is neither an Atlas-MAG field nor one Transformers saves is a typo: refuse it rather than
+        store it unused (`hidden_sise=32` would otherwise build the default width)."""
+        unknown = sorted(set(kwargs) - _base_config_keys() - SAVED_CONFIG_KEYS)
+        if not unknown:
+            return
+        known = [name for name in vars(self) if not name.startswith("_")]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"`{name}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+        raise ValueError(f"AtlasMAGConfig got unknown field(s): {', '.join(hints)}")
+
     def _validate(self) -> None:
+        for name in ("use_memory", "ttl_enabled", "ttl_adaptive_lr", "ttl_backprop_through_updates", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        for name in (
+            "rope_theta",
+            "rms_norm_eps",
+            "layer_norm_eps",
+            "initializer_range",
+            "omega_decay",
+            "qk_persistent_scale",
+            "qk_normalizer_scale",
+            "ttl_lr",
+            "ttl_momentum",
+            "ttl_decay",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
         positive_ints = (
             "vocab_size",
             "hidden_size",

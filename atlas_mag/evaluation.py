@@ -35,8 +35,8 @@ def document_token_nll(
     losses = []
     for start in range(0, ids.shape[1], segment_length):
         segment = ids[:, start : start + segment_length]
-        output = model(input_ids=segment, past_key_values=cache, use_cache=True, ttl=ttl)
-        cache = output.past_key_values
+        output = model(input_ids=segment, cache=cache, use_cache=True, ttl=ttl)
+        cache = output.cache
         logits = output.logits[0].float()
         if previous_logits is not None:
             losses.append(F.cross_entropy(previous_logits[None], segment[0, :1], reduction="none"))

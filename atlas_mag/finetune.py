@@ -4,8 +4,9 @@ gradient checkpointing on (with test-time learning on, as in pretraining)."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from datasets import Dataset, IterableDataset
 from transformers import (
@@ -16,6 +17,8 @@ from transformers import (
     TrainingArguments,
 )
 
+from .cli import coerce_scalar, local_or_hub
+from .compat import checkpointing_training_arguments
 from .data import DataSource, encode_document, load_source, pack_documents, split_holdout
 from .hub import render_model_card, save_model_folder
 from .modeling_atlas import AtlasMAGForCausalLM
@@ -53,6 +56,17 @@ def pack_for_causal_lm(
     return dataset.map(pack, batched=True, batch_size=256, remove_columns=["text"])
 
 
+def training_arguments_from(overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` checked against `TrainingArguments`' fields (unknown keys name the key) and coerced to their
+    types (`--set learning_rate=1e-4` arrives as a string)."""
+    names = {item.name for item in fields(TrainingArguments) if item.init}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"Unknown TrainingArguments field(s) {unknown}")
+    hints = get_type_hints(TrainingArguments)
+    return {key: coerce_scalar(hints[key], value, key) for key, value in overrides.items()}
+
+
 def finetune(
     model_path: str | Path,
     train_source: DataSource,
@@ -67,6 +81,13 @@ def finetune(
     first `eval_documents` documents of the training data are held out for evaluation. `training_arguments`
     override `DEFAULT_TRAINING_ARGUMENTS` (any `TrainingArguments` field). Returns the trainer and the final
     evaluation metrics."""
+    model_path = local_or_hub(model_path, "model")
+    arguments = {
+        **DEFAULT_TRAINING_ARGUMENTS,
+        **training_arguments_from(training_arguments or {}),
+        "output_dir": str(output_dir),
+        **checkpointing_training_arguments(),
+    }
     tokenizer = load_tokenizer(tokenizer_path or model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     if not isinstance(model, AtlasMAGForCausalLM):
@@ -85,13 +106,6 @@ def finetune(
                 "than needed. Lower the block size or add data."
             )
 
-    arguments = {
-        **DEFAULT_TRAINING_ARGUMENTS,
-        **(training_arguments or {}),
-        "output_dir": str(output_dir),
-        "gradient_checkpointing": True,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
-    }
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**arguments),
@@ -107,6 +121,8 @@ def finetune(
             f"Fine-tuned from `{model_path}` with the Transformers Trainer (`scripts/finetune.py`) for "
             f"{trainer.state.global_step} steps on {train_source.label}, blocks of {block_size} tokens."
         )
+        # The Trainer turns the cache off for checkpointed training; the exported model decodes with it.
+        trainer.model.config.use_cache = True
         card = render_model_card(
             trainer.model, "Atlas-MAG (fine-tuned)", "An Atlas-MAG model fine-tuned with the Trainer.", provenance
         )

@@ -13,6 +13,8 @@ from string import Template
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .reporting import umask_mode
+
 # The template lives in the repository's hub_card/ (a source checkout or editable install); a regular install
 # places it under <prefix>/share/atlas_mag/hub_card (setup.cfg data_files).
 CARD_TEMPLATE_LOCATIONS = (
@@ -85,6 +87,7 @@ def atomic_directory(output_dir: str | Path, overwrite: bool = False) -> Iterato
     check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging.chmod(umask_mode(0o777))
     try:
         yield staging
         if output_dir.exists():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache, wraps
 from typing import Any, TypeVar
 
@@ -52,12 +52,26 @@ QUERY_BLOCK = 256
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# The name under which the installed Transformers passes the cache to `forward` and returns it in outputs:
+# `cache` from 5.24 on, `past_key_values` before. Our forwards take both and return it under this one.
+CACHE_FIELD = "cache" if "cache" in {field.name for field in fields(BaseModelOutputWithPast)} else "past_key_values"
+
+# Keyword arguments that `generate`, `Trainer` or pipelines pass and that mean nothing to Atlas-MAG; any other
+# unknown keyword is an error (a renamed argument must never vanish into **kwargs).
+IGNORED_FORWARD_ARGUMENTS = {
+    # `generate` before 5.24 passes the new tokens' cache positions; the cache knows each sequence's positions.
+    "cache_position": "positions come from the cache and the attention mask",
+    # Generation and pipelines pass False; True is refused below (there are no attention weights to return).
+    "output_attentions": "Atlas-MAG returns no attention weights",
+}
+
+
 @dataclass
 class AtlasMAGModelOutput(BaseModelOutputWithPast):
     r"""
-    ttl_gradient_norms (`torch.FloatTensor` of shape `(num_layers,)`, *optional*):
-        Mean norm of the memory gradients of the test-time-learning updates made during the call, per layer (a
-        training and serving diagnostic); None when the call made no update.
+    ttl_gradient_norms (`torch.FloatTensor` of shape `(batch_size, num_layers)`):
+        Per sequence and layer, the mean norm of the memory gradients of the test-time-learning updates made
+        during the call (a training and serving diagnostic); 0 where a sequence made no update in the call.
     """
 
     ttl_gradient_norms: torch.FloatTensor | None = None
@@ -66,12 +80,40 @@ class AtlasMAGModelOutput(BaseModelOutputWithPast):
 @dataclass
 class AtlasMAGCausalLMOutput(CausalLMOutputWithPast):
     r"""
-    ttl_gradient_norms (`torch.FloatTensor` of shape `(num_layers,)`, *optional*):
-        Mean norm of the memory gradients of the test-time-learning updates made during the call, per layer; None
-        when the call made no update.
+    ttl_gradient_norms (`torch.FloatTensor` of shape `(batch_size, num_layers)`):
+        Per sequence and layer, the mean norm of the memory gradients of the call's test-time-learning updates; 0
+        where a sequence made no update in the call.
     """
 
     ttl_gradient_norms: torch.FloatTensor | None = None
+
+
+if CACHE_FIELD != "cache":
+    # Releases before 5.24: `output.cache` reads the same field as `output.past_key_values`, so code written for
+    # the new name runs on every allowed release.
+    for _output_class in (AtlasMAGModelOutput, AtlasMAGCausalLMOutput):
+        _output_class.cache = property(lambda self: self.past_key_values)
+
+
+def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache passed under either name (`cache` since Transformers 5.24, `past_key_values` before)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+    return past_key_values
+
+
+def reject_unused_arguments(method: str, kwargs: dict[str, Any]) -> None:
+    """Raise on keyword arguments `forward` would otherwise drop silently (see `IGNORED_FORWARD_ARGUMENTS`)."""
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "output_attentions=True: Atlas-MAG has no attention weights to return (its attention is computed "
+            "block by block over a sliding window and gated by the memory)."
+        )
+    unknown = sorted(set(kwargs) - set(IGNORED_FORWARD_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"{method}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
 
 
 class AtlasMAGRMSNorm(nn.Module):
@@ -582,6 +624,17 @@ def ttl_schedule(token_mask: torch.Tensor, positions: torch.Tensor, chunk_size: 
     return schedule
 
 
+def update_counts(schedule: list[TTLUpdate], batch_size: int, device: torch.device) -> torch.Tensor:
+    """How many updates of `schedule` each sequence makes [B], at least 1 (a divisor for mean gradient norms)."""
+    counts = torch.zeros(batch_size, device=device)
+    for _, rows in schedule:
+        if rows is None:
+            counts += 1
+        else:
+            counts[rows] += 1
+    return counts.clamp(min=1)
+
+
 def unpadded_ttl_schedule(first_position: int, length: int, chunk_size: int) -> list[TTLUpdate]:
     """`ttl_schedule` when no sequence has ever held padding: every row is at `first_position`, so the schedule
     is known on the host (no device sync, nothing data-dependent for `torch.compile`)."""
@@ -631,7 +684,7 @@ class AtlasMAGMemory(nn.Module):
 
         The update after column `c` fits the last `omega_window` positions up to and including `c`; tokens after
         it read the updated memory. Returns the output [B, T, hidden], the memory and momentum after the call, the
-        Omega-window history and the gradient norms of the updates ([updated rows, n_params], or None).
+        Omega-window history and each sequence's summed gradient norm over the call's updates ([B], or None).
         """
         config = self.config
         memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
@@ -674,7 +727,7 @@ class AtlasMAGMemory(nn.Module):
             "omega_weights": _keep_last(window_weights, keep, 1),
             "omega_valid": _keep_last(window_valid, keep, 1),
         }
-        norms = torch.cat(gradient_norms) if gradient_norms else None
+        norms = torch.stack(gradient_norms).sum(0) if gradient_norms else None
         return torch.cat(outputs, dim=1), memory, momentum, history, norms
 
     def read_and_learn_one_token(
@@ -720,7 +773,9 @@ class AtlasMAGMemory(nn.Module):
         valid: torch.Tensor,
         forward: tuple[torch.Tensor, dict[str, Any]] | None = None,
     ) -> tuple[MemoryState, MemoryState, torch.Tensor]:
-        """One Omega-rule step for the sequences in `rows` (None: all of them); the others keep their memory."""
+        """One Omega-rule step for the sequences in `rows` (None: all of them); the others keep their memory.
+        Returns the memory, the momentum and each sequence's mean gradient norm [B] (0 for rows that did not
+        learn)."""
         config = self.config
         every_row = rows is None
         selected = memory if every_row else {name: value[rows] for name, value in memory.items()}
@@ -741,13 +796,15 @@ class AtlasMAGMemory(nn.Module):
         names = list(selected)
         decayed = torch._foreach_mul([selected[name] for name in names], config.ttl_decay)
         updated = dict(zip(names, torch._foreach_sub(decayed, [steps[name] for name in names]), strict=True))
+        row_norms = grad_norms.float().mean(1)
         if every_row:
-            return updated, new_momentum, grad_norms
+            return updated, new_momentum, row_norms
         if momentum is None:
             momentum = {name: torch.zeros_like(value) for name, value in memory.items()}
         merged_memory = {name: memory[name].index_copy(0, rows, updated[name]) for name in memory}
         merged_momentum = {name: momentum[name].index_copy(0, rows, new_momentum[name]) for name in momentum}
-        return merged_memory, merged_momentum, grad_norms
+        batch_norms = row_norms.new_zeros(next(iter(memory.values())).shape[0]).index_copy(0, rows, row_norms)
+        return merged_memory, merged_momentum, batch_norms
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -904,21 +961,54 @@ class AtlasMAGLayerCache:
         return -1
 
 
+# Config fields that fix the shapes and the meaning of a cached state: a model refuses a cache built for others.
+CACHE_LAYOUT_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "sliding_window",
+    "use_memory",
+    "block_type",
+    "memory_key_dim",
+    "memory_mlp_hidden_size",
+    "memory_depth",
+    "feature_map",
+    "poly_degree",
+    "poly_rank",
+    "omega_window",
+    "ttl_chunk_size",
+    "memory_optimizer",
+)
+
+
 class AtlasMAGCache(Cache):
     """Cache of an Atlas-MAG model: per layer, the attention window, the Q-K and Omega histories and each
     sequence's learned memory weights and momentum; plus, per sequence, how many real tokens it has seen (which
     fixes its RoPE positions and its TTL chunk boundaries). Its size does not grow with the tokens seen.
 
-    Pass it back as `past_key_values` to continue a sequence; a fresh cache (or none) starts every sequence from
-    the model's memory parameters.
+    Pass it back as `cache` (or `past_key_values`) to continue a sequence; a fresh cache (or none) starts every
+    sequence from the model's memory parameters.
     """
 
     def __init__(self, config: AtlasMAGConfig) -> None:
         super().__init__(layers=[AtlasMAGLayerCache() for _ in range(config.num_hidden_layers)])
+        self.layout = {name: getattr(config, name) for name in CACHE_LAYOUT_FIELDS}
         self.tokens_seen: torch.Tensor | None = None
         self.positions_seen = 0
         # True while no call has passed an attention mask: then every sequence has seen `positions_seen` tokens.
         self.unpadded = True
+
+    def check_layout(self, config: AtlasMAGConfig) -> None:
+        """Refuse a cache built for a model whose state has other shapes or another meaning."""
+        differences = [
+            f"{name}={self.layout[name]!r} (this model: {getattr(config, name)!r})"
+            for name in CACHE_LAYOUT_FIELDS
+            if self.layout[name] != getattr(config, name)
+        ]
+        if differences:
+            raise ValueError(
+                "This AtlasMAGCache was built for a model of another configuration: " + ", ".join(differences)
+            )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of input positions (padding included) processed so far; `generate` slices its inputs by it."""
@@ -1264,21 +1354,23 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: AtlasMAGCache | None = None,
+        cache: AtlasMAGCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         ttl: bool | None = None,
         memory_gate: bool = True,
+        past_key_values: AtlasMAGCache | None = None,
         **kwargs: Any,
     ) -> AtlasMAGModelOutput:
         r"""
         attention_mask (`torch.Tensor` of shape `(batch, past + new)` or `(batch, new)`, *optional*):
             1 for real tokens, 0 for padding. Padding is never attended to, never written into the memory, and
             does not advance a sequence's positions or TTL chunks.
-        past_key_values (`AtlasMAGCache`, *optional*):
+        cache (`AtlasMAGCache`, *optional*):
             The state returned by an earlier call on the same sequences, to continue them. Without it, every
-            sequence starts from the model's memory parameters.
+            sequence starts from the model's memory parameters. `past_key_values` is the same argument under the
+            name Transformers used before 5.24 (pass one of them).
         ttl (`bool`, *optional*):
             Learn the memory during this call. Defaults to `config.ttl_enabled`; independent of `model.training`
             and of `torch.no_grad()` / `torch.inference_mode()`.
@@ -1286,31 +1378,28 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
             `False` removes the memory from every block for this call (`x + attn(x)`: the ablation behind the
             original "NIAH 85.9%" figure). The memory is neither read nor trained, and its cached state is left
             as it was.
+        kwargs:
+            Only the arguments of `IGNORED_FORWARD_ARGUMENTS`, which `generate` and pipelines pass and which mean
+            nothing here; anything else raises a `TypeError`.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if input_ids is not None:
-            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-                raise ValueError(
-                    f"input_ids must be [batch, length] with at least one token, got shape {tuple(input_ids.shape)}"
-                )
-            self._check_input_ids(input_ids)
-            inputs_embeds = self.embed_tokens(input_ids)
+        reject_unused_arguments(f"{type(self).__name__}.forward", kwargs)
+        cache = resolve_cache_argument(cache, past_key_values)
+        inputs_embeds = self._input_embeddings(input_ids, inputs_embeds)
         batch_size, length = inputs_embeds.shape[:2]
-        if length == 0 or batch_size == 0:
-            raise ValueError(f"The input is empty (shape {tuple(inputs_embeds.shape[:2])}): nothing to process.")
         ttl = self.config.ttl_enabled if ttl is None else ttl
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if past_key_values is not None and not isinstance(past_key_values, AtlasMAGCache):
-            raise TypeError(
-                f"Atlas-MAG needs an AtlasMAGCache as past_key_values, got {type(past_key_values).__name__}"
-            )
-        if use_cache and past_key_values is None:
-            past_key_values = AtlasMAGCache(self.config)
-        cache = past_key_values if use_cache else None
-        if cache is not None and cache.batch_size not in (-1, batch_size):
-            raise ValueError(f"The cache holds {cache.batch_size} sequences but the input has {batch_size}.")
+        if cache is not None:
+            if not isinstance(cache, AtlasMAGCache):
+                raise TypeError(f"Atlas-MAG needs an AtlasMAGCache as its cache, got {type(cache).__name__}")
+            cache.check_layout(self.config)
+            if cache.batch_size not in (-1, batch_size):
+                raise ValueError(f"The cache holds {cache.batch_size} sequences but the input has {batch_size}.")
+        if use_cache and cache is None:
+            cache = AtlasMAGCache(self.config)
+        cache = cache if use_cache else None
 
         token_mask = self._token_mask(attention_mask, batch_size, length, inputs_embeds.device, cache)
         tokens_seen = cache.tokens_seen if cache is not None else None
@@ -1331,7 +1420,7 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
 
         hidden_states = inputs_embeds + self.w_init
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        new_states, gradient_norms = [], []
+        new_states, layer_outputs, norm_sums = [], [], []
         # A decoding step writes into the cached windows in place (at commit, below); under autograd they might
         # be saved for backward, so a step that records gradients takes the copying path.
         in_place = cache is not None and length == 1 and not torch.is_grad_enabled()
@@ -1341,10 +1430,12 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
                 hidden_states, layer_state, cos, sin, token_mask, schedule, memory_gate, in_place
             )
             new_states.append(new_state)
-            gradient_norms.append(norms)
+            layer_outputs.append(hidden_states)
+            norm_sums.append(norms if norms is not None else hidden_states.new_zeros(batch_size, dtype=torch.float32))
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        ttl_gradient_norms = self._check_ttl_gradients(gradient_norms) if schedule else None
+        norm_sums = torch.stack(norm_sums, dim=1)
+        self._check_finite(inputs_embeds, layer_outputs, norm_sums)
         # The cache changes only once the whole call has succeeded.
         if cache is not None:
             for layer_cache, new_state in zip(cache.layers, new_states, strict=True):
@@ -1353,24 +1444,61 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         return AtlasMAGModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=cache,
             hidden_states=all_hidden_states,
-            ttl_gradient_norms=ttl_gradient_norms,
+            ttl_gradient_norms=(norm_sums / update_counts(schedule, batch_size, norm_sums.device)[:, None]).detach(),
+            **{CACHE_FIELD: cache},
         )
 
-    @staticmethod
-    def _check_ttl_gradients(gradient_norms: list[torch.Tensor]) -> torch.Tensor:
-        """Mean gradient norm of each layer's TTL updates [num_layers], after one check (one sync) that none
-        is NaN or infinite: a non-finite memory would silently poison every later token."""
-        means = torch.stack([norms.float().mean() for norms in gradient_norms])
-        if not torch.isfinite(means).all():
-            layer = next(i for i, value in enumerate(means.tolist()) if not math.isfinite(value))
-            raise FloatingPointError(
-                f"Atlas-MAG layer {layer}: the test-time-learning gradient of the memory is not finite (NaN or "
-                "inf). The memory state or the inputs hold NaNs, or the memory diverged over this input (a smaller "
-                "`ttl_lr` keeps it bounded); the cache was left as it was before this call."
+    def _input_embeddings(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The [B, T, hidden] embeddings of a non-empty input given as ids or as embeddings."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ValueError(
+                    f"input_ids must be [batch, length] with at least one token, got shape {tuple(input_ids.shape)}"
+                )
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be [batch, length, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
             )
-        return means.detach()
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"The input is empty (shape {tuple(inputs_embeds.shape[:2])}): nothing to process.")
+        return inputs_embeds
+
+    @staticmethod
+    def _check_finite(inputs_embeds: torch.Tensor, layer_outputs: list[torch.Tensor], norm_sums: torch.Tensor) -> None:
+        """One host check (one sync) that the input, every layer's output and every TTL gradient are finite,
+        before anything reaches the cache: a non-finite memory or window would poison every later token."""
+        flags = torch.stack(
+            [
+                torch.isfinite(inputs_embeds).all(),
+                *(torch.isfinite(output).all() for output in layer_outputs),
+                *torch.isfinite(norm_sums).all(0),
+            ]
+        ).tolist()
+        num_layers = len(layer_outputs)
+        input_ok, outputs_ok, gradients_ok = flags[0], flags[1 : num_layers + 1], flags[num_layers + 1 :]
+        kept = "the cache was left as it was before this call"
+        if not input_ok:
+            raise ValueError(
+                f"The input embeddings (`inputs_embeds`, or the embedding of `input_ids`) hold NaN or inf; {kept}."
+            )
+        for layer, ok in enumerate(gradients_ok):
+            if not ok:
+                raise FloatingPointError(
+                    f"Atlas-MAG layer {layer}: the test-time-learning gradient of the memory is not finite (NaN or "
+                    "inf). The memory state or the parameters hold NaNs, or the memory diverged over this input (a "
+                    f"smaller `ttl_lr` keeps it bounded); {kept}."
+                )
+        for layer, ok in enumerate(outputs_ok):
+            if not ok:
+                raise FloatingPointError(
+                    f"Atlas-MAG layer {layer}: its output hidden states are not finite (NaN or inf) although its "
+                    f"input was; the parameters or the cached state hold NaNs or overflow; {kept}."
+                )
 
     @staticmethod
     def _token_mask(
@@ -1428,7 +1556,7 @@ class AtlasMAGForCausalLM(AtlasMAGPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: AtlasMAGCache | None = None,
+        cache: AtlasMAGCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -1436,22 +1564,34 @@ class AtlasMAGForCausalLM(AtlasMAGPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         ttl: bool | None = None,
         memory_gate: bool = True,
+        past_key_values: AtlasMAGCache | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> AtlasMAGCausalLMOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch, length)`, *optional*):
-            Targets for the next-token loss; shifted inside, -100 is ignored.
+            Targets for the next-token loss, the shape of the input; shifted inside, -100 is ignored.
         logits_to_keep (`int` or `torch.Tensor`, *optional*):
             Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
         ttl (`bool`, *optional*):
             Learn the memory during this call (defaults to `config.ttl_enabled`).
         memory_gate (`bool`, *optional*, defaults to `True`):
             `False` removes the memory from every block for this call (see `AtlasMAGModel.forward`).
+        num_items_in_batch (`int`, *optional*):
+            Number of target tokens in the whole (accumulated) batch, which `Trainer` passes so that the loss is
+            a mean over them.
         """
+        reject_unused_arguments(f"{type(self).__name__}.forward", kwargs)
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and inputs is not None and tuple(labels.shape) != tuple(inputs.shape[:2]):
+            raise ValueError(
+                f"labels must have the input's shape {tuple(inputs.shape[:2])} (batch, length), got "
+                f"{tuple(labels.shape)}"
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -1466,13 +1606,15 @@ class AtlasMAGForCausalLM(AtlasMAGPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
         return AtlasMAGCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             ttl_gradient_norms=outputs.ttl_gradient_norms,
+            **{CACHE_FIELD: outputs.cache},
         )
 
 

@@ -12,11 +12,20 @@ from pathlib import Path
 from typing import Any
 
 
+def umask_mode(mode: int) -> int:
+    """`mode` less the process's umask: what `open()` or `mkdir()` would give. `tempfile` creates owner-only
+    files and folders, which must not leak into results that others read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, umask_mode(0o666))
         with os.fdopen(handle, "wb") as file:
             file.write(data)
         os.replace(temporary, path)

@@ -9,6 +9,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .cli import local_or_hub
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
 
 
@@ -76,7 +78,7 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         except ValueError as error:
             raise ValueError(f"tokenizer {path}: {error}") from error
     else:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(local_or_hub(name_or_path, "tokenizer"))
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"Tokenizer {name_or_path} has no bos/eos token; documents are packed as <bos> text <eos>")
     return tokenizer

@@ -21,6 +21,8 @@ import re
 import shutil
 import time
 import types
+import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from functools import partial
@@ -34,9 +36,12 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from datasets import IterableDataset
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from .cli import coerce_model_fields, coerce_scalar, local_or_hub
+from .compat import enable_activation_checkpointing
 from .configuration_atlas import AtlasMAGConfig
 from .data import DataSource, PackedWindows, batches, load_source, mix_sources, split_holdout
 from .hub import render_model_card, save_model_folder
@@ -166,15 +171,12 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"`{where}` must be a mapping, got {value!r}")
         return dict(value)
-    if annotation is float and isinstance(value, str):
-        # YAML 1.1 reads `3e-4` (no dot) as a string.
+    if annotation in (float, int, bool):
         try:
-            return float(value)
-        except ValueError:
-            pass
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+            return coerce_scalar(annotation, value, where)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    if not isinstance(value, annotation):
         raise ConfigError(f"`{where}` must be {annotation.__name__}, got {value!r}")
     return value
 
@@ -231,6 +233,14 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"Unknown model config key(s) {['model.' + k for k in unknown_model]} (see AtlasMAGConfig)")
     if config.init_from and config.model:
         raise ConfigError("Set either `init_from` (a saved model) or `model` (a new one), not both")
+    try:
+        config.model = coerce_model_fields(config.model, "model.")
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    try:
+        AtlasMAGConfig(**config.model)  # every model field checked now, not after the data is loaded
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from error
     data, loop, logging = config.data, config.training, config.logging
     positive = {
         "data.seq_len": data.seq_len,
@@ -326,7 +336,7 @@ def build_datasets(
 def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> AtlasMAGForCausalLM:
     """A new model from `config.model` (vocabulary and special ids from the tokenizer) or `init_from`."""
     if config.init_from:
-        model = AutoModelForCausalLM.from_pretrained(config.init_from)
+        model = AutoModelForCausalLM.from_pretrained(local_or_hub(config.init_from, "init_from"))
         if not isinstance(model, AtlasMAGForCausalLM):
             raise ValueError(f"{config.init_from} holds a {type(model).__name__}, not an Atlas-MAG model")
     else:
@@ -401,7 +411,7 @@ def evaluate(
         totals[0] += causal_lm_loss(with_ttl.logits, targets, reduction="sum").double()
         totals[1] += causal_lm_loss(without_ttl.logits, targets, reduction="sum").double()
         totals[2] += targets.numel()
-        norms = memory_update_norm(unwrapped, with_ttl.past_key_values) if measure_memory else None
+        norms = memory_update_norm(unwrapped, with_ttl.cache) if measure_memory else None
         if norms is not None:
             totals[3] += norms.sum().double()
             totals[4] += norms.numel()
@@ -441,16 +451,54 @@ def list_checkpoints(checkpoint_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.fullmatch(p.name).group(1)))
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed (a file truncated or unreadable, say after a full disk or a copy cut
+    short), or None if every file in it reads back."""
+    for path in sorted(checkpoint.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):  # checks the header against the file's length
+                    pass
+            elif zipfile.is_zipfile(path):  # torch.save files (optimizer, scheduler, random states)
+                with zipfile.ZipFile(path) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        return f"{path.name}: corrupt entry {bad}"
+            elif path.suffix in (".bin", ".pt"):
+                return f"{path.name}: not a complete torch.save archive"
+        except Exception as error:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+            return f"{path.name}: {error}"
+    return None
+
+
 def resolve_checkpoint(resume: str | Path, output_dir: Path) -> Path:
-    """`resume` is "latest" (the newest checkpoint of `output_dir`) or a checkpoint folder."""
+    """`resume` is "latest" (the newest intact checkpoint of `output_dir`; corrupt newer ones are skipped with
+    a warning) or a checkpoint folder, which must be intact."""
     if str(resume) == "latest":
-        found = list_checkpoints(output_dir / "checkpoints")
+        root = output_dir / "checkpoints"
+        found = list_checkpoints(root)
         if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint under {output_dir / 'checkpoints'}")
-        return found[-1]
+            raise FileNotFoundError(f"--resume: no checkpoint under {root}")
+        problems = []
+        for candidate in reversed(found):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                if problems:
+                    warnings.warn(
+                        f"--resume: skipped corrupt checkpoint(s) {'; '.join(problems)}; resuming from {candidate}",
+                        stacklevel=2,
+                    )
+                return candidate
+            problems.append(f"{candidate} ({problem})")
+        raise ValueError(f"--resume: no intact checkpoint under {root}: {'; '.join(problems)}")
     path = Path(resume)
     if not (path / "trainer_state_rank0.json").is_file():
         raise FileNotFoundError(f"--resume: {path} is not a checkpoint folder written by atlas_mag.training")
+    if (problem := checkpoint_problem(path)) is not None:
+        raise ValueError(f"--resume: checkpoint {path} is corrupt ({problem})")
     return path
 
 
@@ -503,6 +551,11 @@ def _resume_signature(config: TrainConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": config.training.gradient_accumulation_steps,
         "seed": config.seed,
     }
+
+
+def _schedule_settings(loop: LoopConfig) -> dict[str, Any]:
+    """The settings of the learning-rate schedule, saved with each checkpoint so a resume can say what changed."""
+    return {"max_steps": loop.max_steps, "warmup_steps": loop.warmup_steps, "min_lr_ratio": loop.min_lr_ratio}
 
 
 class MetricsLog:
@@ -597,7 +650,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     model = build_model(config, tokenizer)
     model.train()
     if loop.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model = accelerator.prepare(model)
     # After `prepare`, so that FSDP hands the optimizer its sharded parameters.
     optimizer = make_optimizer(model, loop)
@@ -608,6 +661,28 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        # The schedule is a function of the step: a new max_steps or warm-up reshapes it from here on.
+        scheduler.scheduler.last_epoch = start_step
+        saved_schedule = trainer_state.get("schedule", {})
+        changed = {
+            key: (saved_schedule[key], value)
+            for key, value in _schedule_settings(loop).items()
+            if key in saved_schedule and saved_schedule[key] != value
+        }
+        if changed:
+            for group, base_lr in zip(optimizer.param_groups, scheduler.scheduler.base_lrs, strict=True):
+                group["lr"] = base_lr * schedule(start_step)
+        if changed and is_main:
+            warnings.warn(
+                "--resume: learning-rate schedule settings changed since the checkpoint ("
+                + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+                + f"); the schedule follows the new settings from step {start_step}",
+                stacklevel=2,
+            )
+        accelerator.print(
+            f"resumed from {checkpoint}: step {start_step} of {loop.max_steps}, {tokens_seen:,} tokens seen, "
+            f"learning rate {optimizer.param_groups[0]['lr']:.3g}"
+        )
 
     stop_step = loop.stop_at_step or loop.max_steps
     if is_main:
@@ -629,6 +704,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
             "tokens_seen": tokens_seen,
             "data": train_windows.state_dict(),
             "signature": _resume_signature(config),
+            "schedule": _schedule_settings(loop),
             "param_sha256": parameter_fingerprint(accelerator.unwrap_model(model)),
         }
         return save_checkpoint(accelerator, checkpoint_root, step, state, logging.keep_last)

@@ -20,7 +20,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    model, tokenizer = load_model_folder(args.model, device=args.device)
+    try:
+        model, tokenizer = load_model_folder(args.model, device=args.device)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from error
     report = run_demo(model, tokenizer, args.prompt or DEFAULT_PROMPTS, args.max_new_tokens, args.order.split(","))
     print(format_demo(report))
     if args.json:

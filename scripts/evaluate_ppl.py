@@ -9,15 +9,15 @@ Each document is read in order, segment by segment, through the model's cache (n
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import atlas_mag  # noqa: F401  (registers the Auto classes)
+from atlas_mag.cli import local_or_hub
 from atlas_mag.data import DataSource, load_source
 from atlas_mag.evaluation import evaluate_perplexity, format_table, long_documents
+from atlas_mag.reporting import write_json
 from atlas_mag.tokenization import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,23 +41,19 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        model_path = local_or_hub(args.model, "--model")
+        tokenizer = load_tokenizer(args.tokenizer or model_path)
         source = DataSource(args.data, args.name, args.split, args.from_hub, text_field=args.text_field)
         texts = (row["text"] for row in load_source(source))
         documents = long_documents(texts, tokenizer, args.num_documents, args.min_tokens, args.max_tokens)
     except (ValueError, FileNotFoundError, OSError) as error:
         raise SystemExit(f"error: {error}") from error
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[args.dtype]).to(args.device)
     results = evaluate_perplexity(model, documents, args.segment_length, progress=True)
     results.update(model=args.model, data=source.label, dtype=args.dtype)
     print(format_table(results))
     if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(results, indent=2))
-        temporary.replace(path)
-        print(f"wrote {path}")
+        print(f"wrote {write_json(args.output, results)}")
 
 
 if __name__ == "__main__":

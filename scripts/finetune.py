@@ -11,17 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
+from atlas_mag.cli import parse_assignment
 from atlas_mag.data import DataSource
 from atlas_mag.finetune import finetune
-
-
-def key_value(text: str) -> tuple[str, object]:
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
 
 
 def main() -> None:
@@ -36,7 +28,9 @@ def main() -> None:
     parser.add_argument("--eval-documents", type=int, default=50, help="documents held out for evaluation")
     parser.add_argument("--block-size", type=int, default=1024, help="tokens per training sequence")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--set", dest="overrides", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set", dest="overrides", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE"
+    )
     args = parser.parse_args()
     source = DataSource(args.data, args.name, args.split, args.from_hub, text_field=args.text_field)
     try:

@@ -2,10 +2,10 @@
 test-time learning on, off and with the memory gate removed, over seeds (JSON to --output)."""
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
+from atlas_mag.cli import coerce_model_fields, parse_assignment
 from atlas_mag.recall import RecallTask, TrainingRecipe, recall_experiment, recall_model_config, receptive_field
 from atlas_mag.reporting import write_json
 
@@ -31,18 +31,13 @@ def main() -> None:
         "--config",
         action="append",
         default=[],
+        type=parse_assignment,
         metavar="KEY=VALUE",
-        help="override a model config field (value parsed as JSON, else a string), e.g. --config ttl_lr=0.3",
+        help="override a model config field (value read as YAML), e.g. --config ttl_lr=0.3",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    overrides = {}
-    for item in args.config:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = coerce_model_fields(dict(args.config))
     probe = RecallTask(num_pairs=args.pairs, num_queries=args.queries or args.pairs)
     gap = args.gap if args.gap is not None else receptive_field(recall_model_config(probe, **overrides))
     task = RecallTask(num_pairs=args.pairs, num_queries=args.queries or args.pairs, gap=gap)

@@ -131,7 +131,7 @@ def test_cache_bytes(benchmark_results):
 
     model = AtlasMAGForCausalLM(config).eval()
     with torch.no_grad():
-        cache = model(torch.randint(4, config.vocab_size, (2, 20)), use_cache=True).past_key_values
+        cache = model(torch.randint(4, config.vocab_size, (2, 20)), use_cache=True).cache
     assert isinstance(cache, AtlasMAGCache)
     assert cache_nbytes(cache) == cache.nbytes() > 0
 

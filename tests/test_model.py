@@ -9,7 +9,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM, modeling_atlas
-from atlas_mag.modeling_atlas import ATTENTION_HISTORY, MEMORY_HISTORY, ttl_schedule, unpadded_ttl_schedule
+from atlas_mag.compat import disable_activation_checkpointing, enable_activation_checkpointing
+from atlas_mag.modeling_atlas import (
+    ATTENTION_HISTORY,
+    CACHE_FIELD,
+    MEMORY_HISTORY,
+    ttl_schedule,
+    unpadded_ttl_schedule,
+)
 
 # Variants of the Atlas family (issue 7) that every equivalence and isolation test runs over.
 VARIANTS = {
@@ -89,7 +96,7 @@ def decode_logits(model, ids, prefill, **kwargs):
         out = model(ids[:, :prefill], use_cache=True, **kwargs)
         logits = [out.logits]
         for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True, **kwargs)
+            out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True, **kwargs)
             logits.append(out.logits)
     return torch.cat(logits, dim=1)
 
@@ -151,8 +158,8 @@ def test_chunked_prefill_through_the_cache_equals_one_forward():
     with torch.no_grad():
         cache, pieces = None, []
         for start, end in [(0, 5), (5, 18), (18, 19), (19, 45)]:
-            out = model(ids[:, start:end], past_key_values=cache, use_cache=True)
-            cache, pieces = out.past_key_values, pieces + [out.logits]
+            out = model(ids[:, start:end], cache=cache, use_cache=True)
+            cache, pieces = out.cache, pieces + [out.logits]
     assert (torch.cat(pieces, 1) - expected).abs().max() <= 1e-4
 
 
@@ -169,8 +176,8 @@ def test_host_schedule_equals_the_masked_schedule():
     with torch.no_grad():
         unmasked = model(ids[:, :9], use_cache=True)
         masked = model(ids[:, :9], attention_mask=torch.ones(2, 9, dtype=torch.long), use_cache=True)
-        assert unmasked.past_key_values.unpadded and not masked.past_key_values.unpadded
-        rest = [model(ids[:, 9:], past_key_values=out.past_key_values).logits for out in (unmasked, masked)]
+        assert unmasked.cache.unpadded and not masked.cache.unpadded
+        rest = [model(ids[:, 9:], cache=out.cache).logits for out in (unmasked, masked)]
     torch.testing.assert_close(rest[0], rest[1], rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([unmasked.logits, rest[0]], 1), full_logits(model, ids), rtol=0, atol=1e-5)
 
@@ -219,7 +226,7 @@ def test_left_padded_decoding_equals_full_forward():
         out = model(batch[:, :12], attention_mask=mask[:, :12], use_cache=True)
         pieces = [out.logits]
         for t in range(12, 30):
-            out = model(batch[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+            out = model(batch[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=out.cache)
             pieces.append(out.logits)
     got = torch.cat(pieces, 1)
     assert (got[0] - expected[0]).abs().max() <= 1e-4
@@ -252,9 +259,9 @@ def test_training_after_serving_under_inference_mode():
     model = make_model()
     ids = torch.randint(0, model.config.vocab_size, (1, 30))
     with torch.inference_mode():
-        cache = model(ids[:, :20]).past_key_values
+        cache = model(ids[:, :20]).cache
         for t in range(20, 30):
-            model(ids[:, t : t + 1], past_key_values=cache)
+            model(ids[:, t : t + 1], cache=cache)
     model(ids, labels=ids, use_cache=False).loss.backward()
     assert all(parameter.grad is not None for parameter in model.parameters())
 
@@ -270,11 +277,11 @@ def test_two_calls_never_share_memory():
 
 def test_cache_size_does_not_grow():
     model = make_model(num_hidden_layers=1, ttl_chunk_size=64)
-    cache = model(torch.randint(0, 97, (1, 20))).past_key_values
+    cache = model(torch.randint(0, 97, (1, 20))).cache
     sizes = {}
     with torch.inference_mode():
         for step in range(1, 8001):
-            cache = model(torch.randint(0, 97, (1, 1)), past_key_values=cache).past_key_values
+            cache = model(torch.randint(0, 97, (1, 1)), cache=cache).cache
             if step in (2000, 8000):
                 sizes[step] = cache.nbytes()
     assert sizes[2000] == sizes[8000] > 0
@@ -304,11 +311,11 @@ def test_decoding_runs_the_same_operations_at_any_context():
         ids = torch.randint(0, model.config.vocab_size, (2, context + chunk))
         first, *tokens = ids[:, context:].split(1, dim=1)
         with torch.no_grad():
-            cache = model(ids[:, :context]).past_key_values
-            model(first, past_key_values=cache)  # fills the model's small caches (decay table) on first use
+            cache = model(ids[:, :context]).cache
+            model(first, cache=cache)  # fills the model's small caches (decay table) on first use
             with _RecordOps() as ops:
                 for token in [*tokens, first]:
-                    model(token, past_key_values=cache)
+                    model(token, cache=cache)
         recorded.append(ops.calls)
     assert recorded[0] == recorded[1]
     assert sum("baddbmm" in name for name, _ in recorded[0]) > 0  # the chunk includes a Muon update
@@ -319,7 +326,7 @@ def test_memory_math_is_fp32_under_bf16():
     ids = torch.randint(0, 97, (1, 20))
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    state = out.past_key_values.layers[0].state
+    state = out.cache.layers[0].state
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     assert all(t.dtype == torch.float32 for t in state.memory.values())
     assert state.omega_queries.dtype == torch.float32
@@ -375,10 +382,9 @@ def test_generation_continues_from_returned_cache():
     with torch.no_grad():
         whole = model.generate(prompt, max_new_tokens=12, do_sample=False)
         first = model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-        assert isinstance(first.past_key_values, AtlasMAGCache)
-        resumed = model.generate(
-            first.sequences, past_key_values=first.past_key_values, max_new_tokens=7, do_sample=False
-        )
+        cache = getattr(first, CACHE_FIELD)  # generate's own output: the installed release's name
+        assert isinstance(cache, AtlasMAGCache)
+        resumed = model.generate(first.sequences, max_new_tokens=7, do_sample=False, **{CACHE_FIELD: cache})
     assert torch.equal(resumed, whole)
 
 
@@ -413,7 +419,7 @@ def test_loss_follows_the_transformers_convention():
     out = model(ids, labels=labels)
     expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(out.loss, expected, atol=1e-6)
-    assert out.ttl_gradient_norms.shape == (2,) and (out.ttl_gradient_norms > 0).all()
+    assert out.ttl_gradient_norms.shape == (2, model.config.num_hidden_layers) and (out.ttl_gradient_norms > 0).all()
     assert torch.allclose(model(ids, logits_to_keep=3).logits, out.logits[:, -3:], atol=1e-6)
 
 
@@ -428,9 +434,9 @@ def test_outer_loss_trains_memory_and_checkpointing_gives_same_gradients(through
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = gradients()
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     checkpointed = gradients()
-    model.gradient_checkpointing_disable()
+    disable_activation_checkpointing(model)
     assert plain.keys() == checkpointed.keys()
     assert {n for n, _ in model.named_parameters()} == set(plain), "every parameter gets a gradient"
     for name in plain:
@@ -517,16 +523,16 @@ def test_decoding_writes_the_windows_in_place():
     model = make_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 40))
     with torch.no_grad():
-        cache = model(ids[:, :20]).past_key_values
-        model(ids[:, 20:21], past_key_values=cache)  # the first in-place step takes its own copy of the windows
+        cache = model(ids[:, :20]).cache
+        model(ids[:, 20:21], cache=cache)  # the first in-place step takes its own copy of the windows
         pointers = [tensor.data_ptr() for tensor in _histories(cache)]
         for t in range(21, 40):
-            model(ids[:, t : t + 1], past_key_values=cache)
+            model(ids[:, t : t + 1], cache=cache)
         assert [tensor.data_ptr() for tensor in _histories(cache)] == pointers
         state = cache.layers[0].state
         assert state.attention_ring_steps == state.memory_ring_steps == 20
         # A step of several tokens puts the windows back in time order and copies.
-        continued = model(ids[:, :2], past_key_values=cache).logits
+        continued = model(ids[:, :2], cache=cache).logits
         expected = model(torch.cat([ids, ids[:, :2]], 1), use_cache=False).logits[:, -2:]
     torch.testing.assert_close(continued, expected, rtol=0, atol=1e-4)
 
@@ -536,14 +542,14 @@ def test_nan_during_an_in_place_decoding_step_leaves_the_cache_as_it_was():
     chunk = model.config.ttl_chunk_size
     ids = torch.randint(0, model.config.vocab_size, (1, 4 * chunk + 8))
     with torch.no_grad():
-        cache = model(ids[:, : 3 * chunk]).past_key_values
+        cache = model(ids[:, : 3 * chunk]).cache
         for t in range(3 * chunk, 4 * chunk - 1):  # up to the token before the next update
-            model(ids[:, t : t + 1], past_key_values=cache)
+            model(ids[:, t : t + 1], cache=cache)
         assert cache.layers[1].state.memory_ring_steps > 0
         cache.layers[1].state.memory["poly_compress.weight"][0, 0, 0] = float("nan")
         before = [t.clone() for layer in cache.layers for t in layer.state.tensors()]
         with pytest.raises(FloatingPointError, match="layer 1"):
-            model(ids[:, 4 * chunk - 1 : 4 * chunk], past_key_values=cache)
+            model(ids[:, 4 * chunk - 1 : 4 * chunk], cache=cache)
     after = [t for layer in cache.layers for t in layer.state.tensors()]
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
@@ -552,14 +558,13 @@ def test_nan_during_an_in_place_decoding_step_leaves_the_cache_as_it_was():
 def test_nan_in_memory_is_caught():
     model = make_model()
     with torch.no_grad():
-        model.model.layers[1].memory.poly_compress.weight[0, 0] = float("nan")
-    with torch.no_grad():
-        cache = model(torch.randint(0, 97, (1, 2))).past_key_values  # no update yet: finite
+        cache = model(torch.randint(0, 97, (1, 6))).cache  # one update: the cache owns its memory
+    cache.layers[1].state.memory["poly_compress.weight"][0, 0, 0] = float("nan")  # a poisoned memory
     before = [t.clone() for layer in cache.layers for t in layer.state.tensors()]
     with pytest.raises(FloatingPointError, match="layer 1"):
-        model(torch.randint(0, 97, (1, 12)), past_key_values=cache)
+        model(torch.randint(0, 97, (1, 12)), cache=cache)
     after = [t for layer in cache.layers for t in layer.state.tensors()]
-    assert cache.get_seq_length() == 2 and len(before) == len(after)
+    assert cache.get_seq_length() == 6 and len(before) == len(after)
     for a, b in zip(before, after, strict=True):  # a failed call leaves the cache as it was
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
@@ -612,7 +617,7 @@ def test_compiled_ttl_forward_breaks_only_at_the_nan_check():
     ids = torch.randint(4, model.config.vocab_size, (1, 6))  # one TTL update per layer
     explanation = torch._dynamo.explain(model)(ids, labels=ids, ttl=True)
     assert explanation.break_reasons, "the finiteness check should be the one graph break"
-    assert {reason.user_stack[-1].name for reason in explanation.break_reasons} == {"_check_ttl_gradients"}
+    assert {reason.user_stack[-1].name for reason in explanation.break_reasons} == {"_check_finite"}
 
 
 def test_inductor_compiled_prefill_keeps_only_the_windows():
@@ -631,5 +636,5 @@ def test_inductor_compiled_prefill_keeps_only_the_windows():
         expected = model(ids, ttl=True)
         got = compiled(ids, ttl=True)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
-    eager_bytes, compiled_bytes = expected.past_key_values.nbytes(), got.past_key_values.nbytes()
+    eager_bytes, compiled_bytes = expected.cache.nbytes(), got.cache.nbytes()
     assert compiled_bytes <= 1.05 * eager_bytes, (compiled_bytes, eager_bytes)
