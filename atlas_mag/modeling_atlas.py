@@ -1471,7 +1471,10 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
     @staticmethod
     def _check_finite(inputs_embeds: torch.Tensor, layer_outputs: list[torch.Tensor], norm_sums: torch.Tensor) -> None:
         """One host check (one sync) that the input, every layer's output and every TTL gradient are finite,
-        before anything reaches the cache: a non-finite memory or window would poison every later token."""
+        before anything reaches the cache: a non-finite memory or window would poison every later token.
+        An exported program (`torch.export`) has no host to raise on, so it skips the check."""
+        if torch.compiler.is_exporting():
+            return
         flags = torch.stack(
             [
                 torch.isfinite(inputs_embeds).all(),

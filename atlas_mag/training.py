@@ -605,7 +605,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     output_dir = Path(config.output_dir)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=config.training.gradient_accumulation_steps,
         # The scheduler steps once per optimizer step, whatever the number of processes.
@@ -613,6 +613,23 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         log_with=config.logging.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")),
     )
+    accelerator.register_save_state_pre_hook(_drop_tied_aliases)
+    return accelerator
+
+
+def _drop_tied_aliases(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """Save each tied tensor once (the tied LM head is the embedding): safetensors cannot hold aliases, and
+    Accelerate would drop them itself with a warning at every checkpoint. Loading re-ties them."""
+    for state in weights:
+        seen = set()
+        for name in list(state):
+            tensor = state[name]
+            if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+                continue  # sharded (DTensor) states have no plain storage to compare
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key in seen:
+                del state[name]
+            seen.add(key)
 
 
 def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
@@ -722,7 +739,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     interval_steps, interval_start = 0, time.perf_counter()
     last_checkpoint = checkpoint
     for step in range(start_step + 1, stop_step + 1):
-        learning_rate = scheduler.get_last_lr()[0]
+        learning_rate = optimizer.param_groups[0]["lr"]
         for _ in range(loop.gradient_accumulation_steps):
             batch = next(train_batches).to(accelerator.device)
             with accelerator.accumulate(model):

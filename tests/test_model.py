@@ -638,3 +638,14 @@ def test_inductor_compiled_prefill_keeps_only_the_windows():
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
     eager_bytes, compiled_bytes = expected.cache.nbytes(), got.cache.nbytes()
     assert compiled_bytes <= 1.05 * eager_bytes, (compiled_bytes, eager_bytes)
+
+
+def test_torch_export_of_a_cache_free_forward_gives_eager_logits():
+    """`torch.export` traces a forward without a cache at the exported shape (TTL on; the exported program skips
+    the host-side finiteness check). Decoding with a cache is not exportable: the cache is a Python object."""
+    model = make_model()
+    ids = torch.randint(4, 97, (1, 12))
+    exported = torch.export.export(model, (ids,), kwargs={"use_cache": False})
+    other = torch.randint(4, 97, (1, 12))
+    expected = model(other, use_cache=False).logits
+    torch.testing.assert_close(exported.module()(other, use_cache=False).logits, expected, atol=1e-5, rtol=0)

@@ -2,7 +2,9 @@
 pipeline and long-document perplexity, on Python standard-library text, offline, on CPU."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from itertools import islice
@@ -44,6 +46,7 @@ from atlas_mag.training import (
     lr_multiplier,
     make_accelerator,
     plot_metrics,
+    resolve_checkpoint,
     train,
 )
 
@@ -168,10 +171,14 @@ def test_training_lowers_validation_loss_and_exports_a_loadable_model(uninterrup
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_killed_and_resumed_run_ends_with_the_same_parameters(uninterrupted_run, tmp_path, corpus, tokenizer_dir):
+def test_killed_and_resumed_run_ends_with_the_same_parameters(
+    uninterrupted_run, tmp_path, corpus, tokenizer_dir, caplog, capsys
+):
     output_dir = tmp_path / "interrupted"
     raw = run_config(output_dir, corpus, tokenizer_dir, training={"stop_at_step": 5})
-    checkpoint = train(config_from_dict(raw))
+    with caplog.at_level(logging.WARNING):
+        checkpoint = train(config_from_dict(raw))
+    assert "Removed shared tensor" not in caplog.text  # tied weights are saved once, silently
     assert checkpoint.name == "step_00000005" and not (output_dir / "final").exists()
     # A kill in the middle of the next save leaves only a hidden partial folder, which resuming ignores.
     partial = output_dir / "checkpoints" / ".step_00000008.partial"
@@ -179,7 +186,9 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(uninterrupted_run,
     (partial / "model.safetensors").write_bytes(b"truncated")
     with pytest.raises(FileExistsError, match="--resume"):
         train(config_from_dict(run_config(output_dir, corpus, tokenizer_dir)))
+    capsys.readouterr()
     train(config_from_dict(run_config(output_dir, corpus, tokenizer_dir)), resume="latest")
+    assert f"resumed from {checkpoint}: step 5 of 12" in capsys.readouterr().out
 
     expected = load_file(uninterrupted_run / "final" / "model.safetensors")
     resumed = load_file(output_dir / "final" / "model.safetensors")
@@ -193,6 +202,37 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(uninterrupted_run,
     for ours, theirs in zip(continued, reference, strict=True):
         assert ours["lr"] == theirs["lr"] and ours["tokens_seen"] == theirs["tokens_seen"]
         assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint_and_names_it(uninterrupted_run, tmp_path):
+    """A truncated newest checkpoint (a full disk, a copy cut short): "latest" falls back to the newest intact
+    one with a warning naming the broken file; asked for by path, it is refused; nothing is deleted."""
+    root = tmp_path / "run"
+    shutil.copytree(uninterrupted_run / "checkpoints", root / "checkpoints")
+    older, newest = list_checkpoints(root / "checkpoints")
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    files_before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    with pytest.warns(UserWarning, match=rf"skipped corrupt checkpoint.*{newest.name}.*model\.safetensors"):
+        assert resolve_checkpoint("latest", root) == older
+    with pytest.raises(ValueError, match=rf"checkpoint {newest} is corrupt \(model\.safetensors"):
+        resolve_checkpoint(newest, root)
+    (older / "optimizer.bin").write_bytes(b"cut")
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        resolve_checkpoint("latest", root)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == files_before
+
+
+def test_resume_with_a_longer_schedule_continues_the_learning_rate_and_says_so(tmp_path, corpus, tokenizer_dir):
+    output_dir = tmp_path / "longer"
+    train(config_from_dict(run_config(output_dir, corpus, tokenizer_dir, training={"stop_at_step": 4})))
+    longer = run_config(output_dir, corpus, tokenizer_dir, training={"max_steps": 24, "stop_at_step": 6})
+    with pytest.warns(UserWarning, match="max_steps 12 -> 24"):
+        train(config_from_dict(longer), resume="latest")
+    rates = {r["step"]: r["lr"] for r in iterate_metrics(output_dir / "metrics.jsonl") if "lr" in r}
+    # No second warm-up: the steps after the resume follow the new schedule at their own step numbers.
+    for step in (5, 6):
+        assert rates[step] == pytest.approx(1e-2 * lr_multiplier(step - 1, 2, 24, 0.1), rel=1e-6), step
 
 
 def test_resuming_with_other_data_settings_is_refused(uninterrupted_run, corpus, tokenizer_dir):
