@@ -6,14 +6,10 @@ Importing the package registers `AtlasMAGConfig` and the models with the Auto cl
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState
 from .configuration_atlas import AtlasMAGConfig
-from .modeling_atlas import (
-    AtlasMAGCache,
-    AtlasMAGForCausalLM,
-    AtlasMAGLayerState,
-    AtlasMAGModel,
-    AtlasMAGPreTrainedModel,
-)
+from .memory_atlas import AtlasMAGMemory
+from .modeling_atlas import AtlasMAGForCausalLM, AtlasMAGModel, AtlasMAGPreTrainedModel
 
 AutoConfig.register(AtlasMAGConfig.model_type, AtlasMAGConfig, exist_ok=True)
 AutoModel.register(AtlasMAGConfig, AtlasMAGModel, exist_ok=True)
@@ -24,6 +20,7 @@ __all__ = [
     "AtlasMAGConfig",
     "AtlasMAGForCausalLM",
     "AtlasMAGLayerState",
+    "AtlasMAGMemory",
     "AtlasMAGModel",
     "AtlasMAGPreTrainedModel",
 ]

@@ -7,7 +7,7 @@ from conftest import tiny_config
 from reference_forward import memory as reference_memory
 
 from atlas_mag import AtlasMAGForCausalLM
-from atlas_mag.modeling_atlas import (
+from atlas_mag.ops_atlas import (
     memory_forward,
     memory_loss_gradients,
     monomial_blocks,

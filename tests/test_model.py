@@ -8,15 +8,11 @@ from reference_forward import reference_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM, modeling_atlas
+from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM, ops_atlas
+from atlas_mag.cache_atlas import ATTENTION_HISTORY, MEMORY_HISTORY
 from atlas_mag.compat import disable_activation_checkpointing, enable_activation_checkpointing
-from atlas_mag.modeling_atlas import (
-    ATTENTION_HISTORY,
-    CACHE_FIELD,
-    MEMORY_HISTORY,
-    ttl_schedule,
-    unpadded_ttl_schedule,
-)
+from atlas_mag.modeling_atlas import CACHE_FIELD
+from atlas_mag.ops_atlas import ttl_schedule, unpadded_ttl_schedule
 
 # Variants of the Atlas family (issue 7) that every equivalence and isolation test runs over.
 VARIANTS = {
@@ -253,7 +249,7 @@ def test_ttl_runs_in_every_mode_and_never_touches_parameters():
 def test_training_after_serving_under_inference_mode():
     """The model's cached constants (monomial indices, block masks, Omega decay weights) are first built here under
     inference_mode, prefill and decoding; a training step afterwards must still be able to save them."""
-    for value in vars(modeling_atlas).values():
+    for value in vars(ops_atlas).values():
         if hasattr(value, "cache_clear"):
             value.cache_clear()
     model = make_model()
