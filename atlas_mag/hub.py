@@ -110,8 +110,8 @@ def save_model_folder(
     overwrite: bool = False,
 ) -> Path:
     """Save `model` as a Hub model repository: config.json with `auto_map`, model.safetensors (tied weights
-    once), generation_config.json, the model code (modeling_atlas.py and the sibling files it imports), the tokenizer and
-    README.md."""
+    once), generation_config.json, the model code (modeling_atlas.py and the sibling files it imports), the
+    tokenizer and README.md."""
     model.config.register_for_auto_class()
     model.register_for_auto_class("AutoModelForCausalLM")
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
