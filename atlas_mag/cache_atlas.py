@@ -259,12 +259,19 @@ class AtlasMAGCache(Cache):
         self.positions_seen = 0
         self.unpadded = True
 
-    def nbytes(self) -> int:
-        """Bytes held by the cache's tensors (each storage counted once)."""
-        storages = {}
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor the cache holds (windows, histories, memory weights and momentum), layer by layer."""
         for layer in self.layers:
             if layer.state is not None:
-                for tensor in layer.state.tensors():
-                    storage = tensor.untyped_storage()
-                    storages[storage.data_ptr()] = storage.nbytes()
+                yield from layer.state.tensors()
+
+    def memory_states(self) -> list[MemoryState | None]:
+        """Each layer's per-sequence memory weights, None for a layer that has not run or has no memory."""
+        return [layer.state.memory if layer.state is not None else None for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors (each storage counted once)."""
+        storages = {
+            tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in self.state_tensors()
+        }
         return sum(storages.values())

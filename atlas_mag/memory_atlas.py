@@ -7,7 +7,7 @@ Copied next to published weights with its siblings: imports only `torch` and sib
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -23,6 +23,28 @@ from .ops_atlas import (
     memory_loss_gradients,
     omega_update_steps,
 )
+
+
+class OmegaHistory(NamedTuple):
+    """The last `omega_window - 1` positions the Omega rule's loss fits, per sequence: the Q-K projected queries
+    [B, N, hidden], the values [B, N, hidden], the gamma weights [B, N] and the validity [B, N]."""
+
+    queries: torch.Tensor
+    values: torch.Tensor
+    weights: torch.Tensor
+    valid: torch.Tensor
+
+
+class MemoryRead(NamedTuple):
+    """What reading (and learning) over a call gives: the output [B, T, hidden], the memory and momentum after
+    the call's updates, each sequence's summed gradient norm over them ([B], None if none), and the new Omega
+    history (None for a ring-buffer step, whose history is written in place)."""
+
+    output: torch.Tensor
+    memory: MemoryState
+    momentum: MemoryState | None
+    gradient_norms: torch.Tensor | None
+    omega: OmegaHistory | None = None
 
 
 class AtlasMAGMemory(nn.Module):
@@ -55,6 +77,16 @@ class AtlasMAGMemory(nn.Module):
             for name, param in self.named_parameters()
         }
 
+    def drift(self, learned: MemoryState) -> torch.Tensor:
+        """How far test-time learning moved each sequence's memory from these parameters:
+        ||M_learned - M_0|| / ||M_0|| over all of them ([batch])."""
+        change_sq, initial_sq = 0.0, 0.0
+        for name, param in self.named_parameters():
+            initial = param.detach().float()
+            change_sq = change_sq + (learned[name] - initial).reshape(learned[name].shape[0], -1).pow(2).sum(1)
+            initial_sq += initial.pow(2).sum()
+        return change_sq.sqrt() / initial_sq.sqrt().clamp(min=1e-12)
+
     def read_and_learn(
         self,
         queries: torch.Tensor,
@@ -63,7 +95,7 @@ class AtlasMAGMemory(nn.Module):
         token_mask: torch.Tensor,
         state: AtlasMAGLayerState,
         schedule: list[TTLUpdate],
-    ) -> tuple[torch.Tensor, MemoryState, MemoryState | None, dict[str, torch.Tensor], torch.Tensor | None]:
+    ) -> MemoryRead:
         """Read the memory at every new position and learn at every update of `schedule` (see `ttl_schedule`).
 
         The update after column `c` fits the last `omega_window` positions up to and including `c`; tokens after
@@ -105,14 +137,14 @@ class AtlasMAGMemory(nn.Module):
         if start < queries.shape[1]:
             outputs.append(memory_forward(memory, queries[:, start:], config)[0])
         keep = config.omega_window - 1
-        history = {
-            "omega_queries": keep_last(window_queries, keep, 1),
-            "omega_values": keep_last(window_values, keep, 1),
-            "omega_weights": keep_last(window_weights, keep, 1),
-            "omega_valid": keep_last(window_valid, keep, 1),
-        }
+        history = OmegaHistory(
+            keep_last(window_queries, keep, 1),
+            keep_last(window_values, keep, 1),
+            keep_last(window_weights, keep, 1),
+            keep_last(window_valid, keep, 1),
+        )
         norms = torch.stack(gradient_norms).sum(0) if gradient_norms else None
-        return torch.cat(outputs, dim=1), memory, momentum, history, norms
+        return MemoryRead(torch.cat(outputs, dim=1), memory, momentum, norms, history)
 
     def read_and_learn_one_token(
         self,
@@ -122,14 +154,14 @@ class AtlasMAGMemory(nn.Module):
         token_mask: torch.Tensor,
         state: AtlasMAGLayerState,
         schedule: list[TTLUpdate],
-    ) -> tuple[torch.Tensor, MemoryState, MemoryState | None, torch.Tensor | None]:
+    ) -> MemoryRead:
         """`read_and_learn` for one new position when the Omega history is a full ring buffer (decoding): only an
         update (every `ttl_chunk_size` tokens) reads the history, joined to the new position. Returns the output,
         the memory and momentum after the step and the update's gradient norms (or None)."""
         memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
         output = memory_forward(memory, queries, self.config)[0]
         if not schedule:
-            return output, memory, state.momentum, None
+            return MemoryRead(output, memory, state.momentum, None)
         ((_, rows),) = schedule
         # The Omega loss sums over the window's positions, so the ring's order does not matter.
         window = [
@@ -144,7 +176,7 @@ class AtlasMAGMemory(nn.Module):
         if rows is not None:
             window = [tensor[rows] for tensor in window]
         memory, momentum, norms = self._learn(memory, state.momentum, rows, *window)
-        return output, memory, momentum, norms
+        return MemoryRead(output, memory, momentum, norms)
 
     def _learn(
         self,

@@ -31,7 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState, HistoryWrite, ring_write
+from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState, ring_write
 from .configuration_atlas import AtlasMAGConfig
 from .memory_atlas import AtlasMAGMemory
 from .ops_atlas import (
@@ -150,6 +150,52 @@ class AtlasMAGMLP(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class CallPlan:
+    """What one forward call decided before its first layer (`AtlasMAGModel._plan_call`); every layer reads it."""
+
+    cache: AtlasMAGCache | None
+    num_layers: int
+    token_mask: torch.Tensor  # [B, T] bool: real tokens (padding is never attended to or learned from)
+    cos: torch.Tensor  # RoPE angles of each sequence's own positions
+    sin: torch.Tensor
+    schedule: list[TTLUpdate]  # when each sequence learns in this call (see `ttl_schedule`)
+    memory_gate: bool  # False: every block is `x + attn(x)`, the memory neither read nor trained
+    unpadded: bool  # no sequence has ever held padding
+    in_place: bool  # a one-token step under no_grad: full windows act as ring buffers
+
+    def layer_states(self) -> list[AtlasMAGLayerState | None]:
+        if self.cache is None:
+            return [None] * self.num_layers
+        return [layer.state for layer in self.cache.layers]
+
+    def commit(self, states: list[AtlasMAGLayerState]) -> None:
+        """Store the layers' new states (applying their in-place writes) and count the call's tokens."""
+        if self.cache is None:
+            return
+        for layer_cache, state in zip(self.cache.layers, states, strict=True):
+            layer_cache.state = state.commit()
+        self.cache.advance(self.token_mask, self.unpadded)
+
+    def update_counts(self) -> torch.Tensor:
+        return update_counts(self.schedule, self.token_mask.shape[0], self.token_mask.device)
+
+
+@dataclass
+class LayerStep:
+    """What a block returns: its output, its new state (in-place writes pending until the call commits) and each
+    sequence's summed TTL gradient norm over the call's updates ([B], None if it made none)."""
+
+    hidden_states: torch.Tensor
+    state: AtlasMAGLayerState
+    gradient_norms: torch.Tensor | None
+
+    def gradient_norm_sums(self, batch_size: int) -> torch.Tensor:
+        if self.gradient_norms is not None:
+            return self.gradient_norms
+        return torch.zeros(batch_size, device=self.hidden_states.device)
+
+
 class AtlasMAGAttention(nn.Module):
     """Q/K/V projections with per-head RMSNorm of q and k, RoPE, and causal sliding-window attention."""
 
@@ -185,7 +231,9 @@ class AtlasMAGAttention(nn.Module):
         value: torch.Tensor,
         token_mask: torch.Tensor,
         state: AtlasMAGLayerState,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
+        """The attention output over the cached window and the new positions, and the state holding the last
+        `sliding_window - 1` of them."""
         keys = append_history(state.attn_keys, key, 2)
         values = append_history(state.attn_values, value, 2)
         valid = append_history(state.attn_valid, token_mask, 1)
@@ -193,12 +241,12 @@ class AtlasMAGAttention(nn.Module):
         batch, _, length, _ = attended.shape
         output = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
         keep = self.sliding_window - 1
-        history = {
-            "attn_keys": keep_last(keys, keep, 2),
-            "attn_values": keep_last(values, keep, 2),
-            "attn_valid": keep_last(valid, keep, 1),
-        }
-        return output, history
+        return output, replace(
+            state,
+            attn_keys=keep_last(keys, keep, 2),
+            attn_values=keep_last(values, keep, 2),
+            attn_valid=keep_last(valid, keep, 1),
+        )
 
     def attend_one_token(
         self,
@@ -207,10 +255,11 @@ class AtlasMAGAttention(nn.Module):
         value: torch.Tensor,
         token_mask: torch.Tensor,
         state: AtlasMAGLayerState,
-    ) -> tuple[torch.Tensor, HistoryWrite, HistoryWrite, HistoryWrite]:
+    ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
         """`attend` for one new position when the cached window is a full ring buffer (decoding): the query sees
         every cached real token and itself (softmax is blind to the keys' order), and the new key, value and
-        validity are returned as writes over the oldest slot instead of a concatenated copy of the window."""
+        validity become writes over the oldest slot (pending in the new state) instead of a concatenated copy of the
+        window."""
         scale = self.head_dim**-0.5
         scores = torch.matmul(query, state.attn_keys.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~state.attn_valid[:, None, None, :], float("-inf"))
@@ -219,12 +268,12 @@ class AtlasMAGAttention(nn.Module):
         attended = torch.matmul(weights[..., :-1], state.attn_values) + weights[..., -1:] * value
         output = self.o_proj(attended.transpose(1, 2).reshape(query.shape[0], 1, -1))
         steps = state.attention_ring_steps
-        return (
-            output,
+        writes = (
             ring_write(state.attn_keys, 2, steps, key[:, :, 0]),
             ring_write(state.attn_values, 2, steps, value[:, :, 0]),
             ring_write(state.attn_valid, 1, steps, token_mask[:, 0]),
         )
+        return output, replace(state, attention_ring_steps=steps + 1, pending_writes=state.pending_writes + writes)
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -253,69 +302,33 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         self.post_attention_norm = AtlasMAGRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = AtlasMAGMLP(config)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        layer_state: AtlasMAGLayerState | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        token_mask: torch.Tensor,
-        schedule: list[TTLUpdate],
-        memory_gate: bool = True,
-        in_place: bool = False,
-    ) -> tuple[torch.Tensor, AtlasMAGLayerState, torch.Tensor | None]:
-        """Returns the new hidden states, the new layer state and the gradient norms of this call's TTL updates
-        (None if there were none). `in_place` (a one-token step under no_grad, with a cache) lets full histories
-        act as ring buffers: the new state then carries in-place writes for the model to commit."""
+    def forward(self, hidden_states: torch.Tensor, layer_state: AtlasMAGLayerState | None, call: CallPlan) -> LayerStep:
+        """The block's output and new state. Which path runs is decided once, here: a one-token step under no_grad
+        with a cache (`call.in_place`) uses full histories as ring buffers (in-place writes pending in the new
+        state, for the model to commit); any other call appends to the histories and keeps their last entries."""
         state = layer_state if layer_state is not None else AtlasMAGLayerState()
-        uses_memory = self.config.use_memory and memory_gate
+        uses_memory = self.config.use_memory and call.memory_gate
         attention_full, memory_full = state.ring_ready(self.config)
-        attention_ring = in_place and attention_full
-        memory_ring = in_place and uses_memory and memory_full
+        attention_ring = call.in_place and attention_full
+        memory_ring = call.in_place and uses_memory and memory_full
         state = state.prepare(attention_ring, memory_ring)
+        attend = self.self_attn.attend_one_token if attention_ring else self.self_attn.attend
         gradient_norms = None
         normed = self.input_norm(hidden_states)
-        query, key, value = self.self_attn.project(normed, cos, sin)
-        if not uses_memory:
-            attn_output, changes, writes = self._attend(query, key, value, token_mask, state, attention_ring)
-            hidden_states = hidden_states + attn_output
-        else:
-            memory_output, changes, writes, gradient_norms = self._read_memory(
-                normed, query, key, value, token_mask, state, schedule, memory_ring
+        query, key, value = self.self_attn.project(normed, call.cos, call.sin)
+        if uses_memory:
+            memory_output, state, gradient_norms = self._read_memory(
+                normed, query, key, value, call, state, memory_ring
             )
-            if self.config.block_type == "mag":
-                attn_output, attention_changes, attention_writes = self._attend(
-                    query, key, value, token_mask, state, attention_ring
-                )
-                hidden_states = hidden_states + attn_output * torch.sigmoid(memory_output).to(hidden_states.dtype)
-            else:
+            if self.config.block_type == "mal":
                 # Memory as layer: the memory's output joins the attention input.
-                query, key, value = self.self_attn.project(normed + memory_output.to(normed.dtype), cos, sin)
-                attn_output, attention_changes, attention_writes = self._attend(
-                    query, key, value, token_mask, state, attention_ring
-                )
-                hidden_states = hidden_states + attn_output
-            changes |= attention_changes
-            writes += attention_writes
-        new_state = replace(state, **changes, pending_writes=state.pending_writes + writes)
+                query, key, value = self.self_attn.project(normed + memory_output.to(normed.dtype), call.cos, call.sin)
+        attn_output, state = attend(query, key, value, call.token_mask, state)
+        if uses_memory and self.config.block_type == "mag":
+            attn_output = attn_output * torch.sigmoid(memory_output).to(hidden_states.dtype)
+        hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.post_attention_norm(hidden_states))
-        return hidden_states, new_state, gradient_norms
-
-    def _attend(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        token_mask: torch.Tensor,
-        state: AtlasMAGLayerState,
-        ring: bool,
-    ) -> tuple[torch.Tensor, dict[str, Any], tuple[HistoryWrite, ...]]:
-        """Attention output, the state changes and the in-place writes of the attention window."""
-        if ring:
-            output, *writes = self.self_attn.attend_one_token(query, key, value, token_mask, state)
-            return output, {"attention_ring_steps": state.attention_ring_steps + 1}, tuple(writes)
-        output, history = self.self_attn.attend(query, key, value, token_mask, state)
-        return output, history, ()
+        return LayerStep(hidden_states, state, gradient_norms)
 
     def _read_memory(
         self,
@@ -323,13 +336,13 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        token_mask: torch.Tensor,
+        call: CallPlan,
         state: AtlasMAGLayerState,
-        schedule: list[TTLUpdate],
         ring: bool,
-    ) -> tuple[torch.Tensor, dict[str, Any], tuple[HistoryWrite, ...], torch.Tensor | None]:
-        """The memory's output (it learns on the way, per `schedule`), the state changes, the in-place writes of
-        the Q-K and Omega histories, and the TTL gradient norms."""
+    ) -> tuple[torch.Tensor, AtlasMAGLayerState, torch.Tensor | None]:
+        """The memory's output (it learns on the way, per `call.schedule`), the state with the new Q-K and Omega
+        histories and memory, and each sequence's summed TTL gradient norm."""
+        token_mask = call.token_mask
         gamma = torch.sigmoid(self.gamma_gate(normed).squeeze(-1).float())
         # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision.
         with torch.autocast(device_type=normed.device.type, enabled=False):
@@ -339,24 +352,28 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
                 flat_keys = append_history(state.qk_keys, memory_key, 1)
                 key_weights = append_history(state.qk_weights, token_weights, 1)
                 memory_queries = qk_projection(memory_query, flat_keys, key_weights, self.config)
-                output, memory, momentum, omega_history, gradient_norms = self.memory.read_and_learn(
-                    memory_queries, memory_value, token_weights, token_mask, state, schedule
+                read = self.memory.read_and_learn(
+                    memory_queries, memory_value, token_weights, token_mask, state, call.schedule
                 )
-                changes = {
-                    "qk_keys": keep_last(flat_keys, self.config.omega_window, 1),
-                    "qk_weights": keep_last(key_weights, self.config.omega_window, 1),
-                    **omega_history,
-                    "memory": memory,
-                    "momentum": momentum,
-                }
-                return output, changes, (), gradient_norms
+                state = replace(
+                    state,
+                    qk_keys=keep_last(flat_keys, self.config.omega_window, 1),
+                    qk_weights=keep_last(key_weights, self.config.omega_window, 1),
+                    omega_queries=read.omega.queries,
+                    omega_values=read.omega.values,
+                    omega_weights=read.omega.weights,
+                    omega_valid=read.omega.valid,
+                    memory=read.memory,
+                    momentum=read.momentum,
+                )
+                return read.output, state, read.gradient_norms
             steps = state.memory_ring_steps
             window = self.config.omega_window
             decay = omega_decay_oldest_first(window, self.config.omega_decay, query.device)
             key_weights = decay.roll(steps % window) * state.qk_weights
             memory_queries = qk_projection_one_query(memory_query, state.qk_keys, key_weights, self.config)
-            output, memory, momentum, gradient_norms = self.memory.read_and_learn_one_token(
-                memory_queries, memory_value, token_weights, token_mask, state, schedule
+            read = self.memory.read_and_learn_one_token(
+                memory_queries, memory_value, token_weights, token_mask, state, call.schedule
             )
         writes = (
             ring_write(state.qk_keys, 1, steps, memory_key[:, 0]),
@@ -366,8 +383,14 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
             ring_write(state.omega_weights, 1, steps, token_weights[:, 0]),
             ring_write(state.omega_valid, 1, steps, token_mask[:, 0]),
         )
-        changes = {"memory_ring_steps": steps + 1, "memory": memory, "momentum": momentum}
-        return output, changes, writes, gradient_norms
+        state = replace(
+            state,
+            memory_ring_steps=steps + 1,
+            memory=read.memory,
+            momentum=read.momentum,
+            pending_writes=state.pending_writes + writes,
+        )
+        return read.output, state, read.gradient_norms
 
 
 class AtlasMAGPreTrainedModel(PreTrainedModel):
@@ -462,12 +485,46 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
             nothing here; anything else raises a `TypeError`.
         """
         reject_unused_arguments(f"{type(self).__name__}.forward", kwargs)
-        cache = resolve_cache_argument(cache, past_key_values)
         inputs_embeds = self._input_embeddings(input_ids, inputs_embeds)
-        batch_size, length = inputs_embeds.shape[:2]
-        ttl = self.config.ttl_enabled if ttl is None else ttl
+        call = self._plan_call(
+            inputs_embeds, attention_mask, resolve_cache_argument(cache, past_key_values), use_cache, ttl, memory_gate
+        )
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+
+        hidden_states = inputs_embeds + self.w_init
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        steps = []
+        for layer, layer_state in zip(self.layers, call.layer_states(), strict=True):
+            step = layer(hidden_states, layer_state, call)
+            hidden_states = step.hidden_states
+            steps.append(step)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        norm_sums = torch.stack([step.gradient_norm_sums(inputs_embeds.shape[0]) for step in steps], dim=1)
+        self._check_finite(inputs_embeds, [step.hidden_states for step in steps], norm_sums)
+        call.commit([step.state for step in steps])  # the cache changes only once the whole call has succeeded
+        return AtlasMAGModelOutput(
+            last_hidden_state=self.norm(hidden_states),
+            hidden_states=all_hidden_states,
+            ttl_gradient_norms=(norm_sums / call.update_counts()[:, None]).detach(),
+            **{CACHE_FIELD: call.cache},
+        )
+
+    def _plan_call(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: AtlasMAGCache | None,
+        use_cache: bool | None,
+        ttl: bool | None,
+        memory_gate: bool,
+    ) -> CallPlan:
+        """Everything a call decides before its first layer: the cache it continues (checked) or starts, which
+        positions are real tokens, their RoPE angles, when each sequence learns, and whether decoding may write
+        the cached windows in place."""
+        batch_size, length = inputs_embeds.shape[:2]
+        ttl = self.config.ttl_enabled if ttl is None else ttl
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if cache is not None:
@@ -496,36 +553,18 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
             )
         elif learns:
             schedule = ttl_schedule(token_mask, positions, self.config.ttl_chunk_size)
-
-        hidden_states = inputs_embeds + self.w_init
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        new_states, layer_outputs, norm_sums = [], [], []
-        # A decoding step writes into the cached windows in place (at commit, below); under autograd they might
-        # be saved for backward, so a step that records gradients takes the copying path.
-        in_place = cache is not None and length == 1 and not torch.is_grad_enabled()
-        for index, layer in enumerate(self.layers):
-            layer_state = cache.layers[index].state if cache is not None else None
-            hidden_states, new_state, norms = layer(
-                hidden_states, layer_state, cos, sin, token_mask, schedule, memory_gate, in_place
-            )
-            new_states.append(new_state)
-            layer_outputs.append(hidden_states)
-            norm_sums.append(norms if norms is not None else hidden_states.new_zeros(batch_size, dtype=torch.float32))
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-        norm_sums = torch.stack(norm_sums, dim=1)
-        self._check_finite(inputs_embeds, layer_outputs, norm_sums)
-        # The cache changes only once the whole call has succeeded.
-        if cache is not None:
-            for layer_cache, new_state in zip(cache.layers, new_states, strict=True):
-                layer_cache.state = new_state.commit()
-            cache.advance(token_mask, unpadded)
-        hidden_states = self.norm(hidden_states)
-        return AtlasMAGModelOutput(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            ttl_gradient_norms=(norm_sums / update_counts(schedule, batch_size, norm_sums.device)[:, None]).detach(),
-            **{CACHE_FIELD: cache},
+        return CallPlan(
+            cache=cache,
+            num_layers=self.config.num_hidden_layers,
+            token_mask=token_mask,
+            cos=cos,
+            sin=sin,
+            schedule=schedule,
+            memory_gate=memory_gate,
+            unpadded=unpadded,
+            # A decoding step writes into the cached windows in place (at commit); under autograd they might be
+            # saved for backward, so a step that records gradients takes the copying path.
+            in_place=cache is not None and length == 1 and not torch.is_grad_enabled(),
         )
 
     def _input_embeddings(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:

@@ -377,17 +377,11 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str =
 def memory_update_norm(model: AtlasMAGForCausalLM, cache: AtlasMAGCache) -> torch.Tensor | None:
     """How far test-time learning moved each sequence's memory: ||M_learned - M_0|| / ||M_0|| over all the
     memory's parameters of a layer, averaged over layers ([batch]); None for a model without memory."""
-    ratios = []
-    for layer, slot in zip(model.model.layers, cache.layers, strict=True):
-        if slot.state is None or slot.state.memory is None:
-            continue
-        change_sq, initial_sq = 0.0, 0.0
-        for name, param in layer.memory.named_parameters():
-            initial = param.detach().float()
-            learned = slot.state.memory[name]
-            change_sq = change_sq + (learned - initial).reshape(learned.shape[0], -1).pow(2).sum(1)
-            initial_sq += initial.pow(2).sum()
-        ratios.append(change_sq.sqrt() / initial_sq.sqrt().clamp(min=1e-12))
+    ratios = [
+        layer.memory.drift(learned)
+        for layer, learned in zip(model.model.layers, cache.memory_states(), strict=True)
+        if learned is not None
+    ]
     return torch.stack(ratios).mean(0) if ratios else None
 
 

@@ -24,11 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cache_tensors(cache: AtlasMAGCache) -> list[torch.Tensor]:
-    return [tensor.clone() for layer in cache.layers for tensor in layer.state.tensors()]
+    return [tensor.clone() for tensor in cache.state_tensors()]
 
 
 def assert_cache_unchanged(cache: AtlasMAGCache, before: list[torch.Tensor], seen: int) -> None:
-    after = [tensor for layer in cache.layers for tensor in layer.state.tensors()]
+    after = list(cache.state_tensors())
     assert cache.get_seq_length() == seen and len(before) == len(after)
     for old, new in zip(before, after, strict=True):
         torch.testing.assert_close(old, new, rtol=0, atol=0)

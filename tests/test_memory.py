@@ -110,7 +110,7 @@ def run_one_chunk(model, autocast_dtype=None):
     ids = torch.randint(0, model.config.vocab_size, (1, model.config.ttl_chunk_size))
     with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=bool(autocast_dtype)):
         cache = model(ids, use_cache=True).cache
-    return cache.layers[0].state.memory, captured
+    return cache.memory_states()[0], captured
 
 
 def test_one_chunk_applies_the_reference_omega_rule():

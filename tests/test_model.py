@@ -542,11 +542,11 @@ def test_nan_during_an_in_place_decoding_step_leaves_the_cache_as_it_was():
         for t in range(3 * chunk, 4 * chunk - 1):  # up to the token before the next update
             model(ids[:, t : t + 1], cache=cache)
         assert cache.layers[1].state.memory_ring_steps > 0
-        cache.layers[1].state.memory["poly_compress.weight"][0, 0, 0] = float("nan")
-        before = [t.clone() for layer in cache.layers for t in layer.state.tensors()]
+        cache.memory_states()[1]["poly_compress.weight"][0, 0, 0] = float("nan")
+        before = [t.clone() for t in cache.state_tensors()]
         with pytest.raises(FloatingPointError, match="layer 1"):
             model(ids[:, 4 * chunk - 1 : 4 * chunk], cache=cache)
-    after = [t for layer in cache.layers for t in layer.state.tensors()]
+    after = list(cache.state_tensors())
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
@@ -555,11 +555,11 @@ def test_nan_in_memory_is_caught():
     model = make_model()
     with torch.no_grad():
         cache = model(torch.randint(0, 97, (1, 6))).cache  # one update: the cache owns its memory
-    cache.layers[1].state.memory["poly_compress.weight"][0, 0, 0] = float("nan")  # a poisoned memory
-    before = [t.clone() for layer in cache.layers for t in layer.state.tensors()]
+    cache.memory_states()[1]["poly_compress.weight"][0, 0, 0] = float("nan")  # a poisoned memory
+    before = [t.clone() for t in cache.state_tensors()]
     with pytest.raises(FloatingPointError, match="layer 1"):
         model(torch.randint(0, 97, (1, 12)), cache=cache)
-    after = [t for layer in cache.layers for t in layer.state.tensors()]
+    after = list(cache.state_tensors())
     assert cache.get_seq_length() == 6 and len(before) == len(after)
     for a, b in zip(before, after, strict=True):  # a failed call leaves the cache as it was
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
