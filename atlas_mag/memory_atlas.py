@@ -35,6 +35,16 @@ class OmegaHistory(NamedTuple):
     valid: torch.Tensor
 
 
+class MemoryInputs(NamedTuple):
+    """What the memory reads and learns from at the new positions: the Q-K projected queries [B, T, hidden], the
+    values [B, T, hidden] (the Omega loss's targets), the gamma weights [B, T] and the real-token mask [B, T]."""
+
+    queries: torch.Tensor
+    values: torch.Tensor
+    token_weights: torch.Tensor
+    token_mask: torch.Tensor
+
+
 class MemoryRead(NamedTuple):
     """What reading (and learning) over a call gives: the output [B, T, hidden], the memory and momentum after
     the call's updates, each sequence's summed gradient norm over them ([B], None if none), and the new Omega
@@ -73,8 +83,7 @@ class AtlasMAGMemory(nn.Module):
     def initial_state(self, batch_size: int) -> MemoryState:
         """The parameters as fp32 [B, *shape] views (no copy until a sequence's first update)."""
         return {
-            name: param.float().unsqueeze(0).expand(batch_size, *param.shape)
-            for name, param in self.named_parameters()
+            name: param.float().unsqueeze(0).expand(batch_size, *param.shape) for name, param in self.named_parameters()
         }
 
     def drift(self, learned: MemoryState) -> torch.Tensor:
@@ -88,20 +97,18 @@ class AtlasMAGMemory(nn.Module):
         return change_sq.sqrt() / initial_sq.sqrt().clamp(min=1e-12)
 
     def read_and_learn(
-        self,
-        queries: torch.Tensor,
-        values: torch.Tensor,
-        token_weights: torch.Tensor,
-        token_mask: torch.Tensor,
-        state: AtlasMAGLayerState,
-        schedule: list[TTLUpdate],
+        self, inputs: MemoryInputs, state: AtlasMAGLayerState, schedule: list[TTLUpdate], in_place: bool = False
     ) -> MemoryRead:
         """Read the memory at every new position and learn at every update of `schedule` (see `ttl_schedule`).
 
         The update after column `c` fits the last `omega_window` positions up to and including `c`; tokens after
         it read the updated memory. Returns the output [B, T, hidden], the memory and momentum after the call, the
         Omega-window history and each sequence's summed gradient norm over the call's updates ([B], or None).
+        `in_place`: one new position over a full Omega history (decoding), see `_read_and_learn_in_place`.
         """
+        if in_place:
+            return self._read_and_learn_in_place(inputs, state, schedule)
+        queries, values, token_weights, token_mask = inputs
         config = self.config
         memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
         momentum = state.momentum
@@ -146,18 +153,13 @@ class AtlasMAGMemory(nn.Module):
         norms = torch.stack(gradient_norms).sum(0) if gradient_norms else None
         return MemoryRead(torch.cat(outputs, dim=1), memory, momentum, norms, history)
 
-    def read_and_learn_one_token(
-        self,
-        queries: torch.Tensor,
-        values: torch.Tensor,
-        token_weights: torch.Tensor,
-        token_mask: torch.Tensor,
-        state: AtlasMAGLayerState,
-        schedule: list[TTLUpdate],
+    def _read_and_learn_in_place(
+        self, inputs: MemoryInputs, state: AtlasMAGLayerState, schedule: list[TTLUpdate]
     ) -> MemoryRead:
         """`read_and_learn` for one new position when the Omega history is a full ring buffer (decoding): only an
         update (every `ttl_chunk_size` tokens) reads the history, joined to the new position. Returns the output,
         the memory and momentum after the step and the update's gradient norms (or None)."""
+        queries, values, token_weights, token_mask = inputs
         memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
         output = memory_forward(memory, queries, self.config)[0]
         if not schedule:

@@ -19,7 +19,7 @@ This file is copied next to published weights: it imports only `transformers`, `
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from transformers.utils import can_return_tuple
 
 from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState, ring_write
 from .configuration_atlas import AtlasMAGConfig
-from .memory_atlas import AtlasMAGMemory
+from .memory_atlas import AtlasMAGMemory, MemoryInputs
 from .ops_atlas import (
     TTLUpdate,
     append_history,
@@ -196,6 +196,14 @@ class LayerStep:
         return torch.zeros(batch_size, device=self.hidden_states.device)
 
 
+class QKV(NamedTuple):
+    """Attention's projections of the new positions, each [B, heads, T, head_dim]."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+
+
 class AtlasMAGAttention(nn.Module):
     """Q/K/V projections with per-head RMSNorm of q and k, RoPE, and causal sliding-window attention."""
 
@@ -211,9 +219,7 @@ class AtlasMAGAttention(nn.Module):
         self.k_norm = AtlasMAGRMSNorm(config.head_dim, config.rms_norm_eps)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def project(
-        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> QKV:
         """q and k (normalised, rotated) and v, each [B, H, T, D]."""
         batch, length, _ = hidden_states.shape
 
@@ -222,18 +228,16 @@ class AtlasMAGAttention(nn.Module):
 
         query = apply_rotary(self.q_norm(heads(self.q_proj(hidden_states))), cos, sin)
         key = apply_rotary(self.k_norm(heads(self.k_proj(hidden_states))), cos, sin)
-        return query, key, heads(self.v_proj(hidden_states))
+        return QKV(query, key, heads(self.v_proj(hidden_states)))
 
     def attend(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        token_mask: torch.Tensor,
-        state: AtlasMAGLayerState,
+        self, qkv: QKV, token_mask: torch.Tensor, state: AtlasMAGLayerState, in_place: bool
     ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
         """The attention output over the cached window and the new positions, and the state holding the last
-        `sliding_window - 1` of them."""
+        `sliding_window - 1` of them (`in_place`: a decoding step over a full window, see `_attend_in_place`)."""
+        if in_place:
+            return self._attend_in_place(qkv, token_mask, state)
+        query, key, value = qkv
         keys = append_history(state.attn_keys, key, 2)
         values = append_history(state.attn_values, value, 2)
         valid = append_history(state.attn_valid, token_mask, 1)
@@ -248,18 +252,14 @@ class AtlasMAGAttention(nn.Module):
             attn_valid=keep_last(valid, keep, 1),
         )
 
-    def attend_one_token(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        token_mask: torch.Tensor,
-        state: AtlasMAGLayerState,
+    def _attend_in_place(
+        self, qkv: QKV, token_mask: torch.Tensor, state: AtlasMAGLayerState
     ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
         """`attend` for one new position when the cached window is a full ring buffer (decoding): the query sees
         every cached real token and itself (softmax is blind to the keys' order), and the new key, value and
         validity become writes over the oldest slot (pending in the new state) instead of a concatenated copy of the
         window."""
+        query, key, value = qkv
         scale = self.head_dim**-0.5
         scores = torch.matmul(query, state.attn_keys.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~state.attn_valid[:, None, None, :], float("-inf"))
@@ -312,18 +312,15 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         attention_ring = call.in_place and attention_full
         memory_ring = call.in_place and uses_memory and memory_full
         state = state.prepare(attention_ring, memory_ring)
-        attend = self.self_attn.attend_one_token if attention_ring else self.self_attn.attend
         gradient_norms = None
         normed = self.input_norm(hidden_states)
-        query, key, value = self.self_attn.project(normed, call.cos, call.sin)
+        qkv = self.self_attn.project(normed, call.cos, call.sin)
         if uses_memory:
-            memory_output, state, gradient_norms = self._read_memory(
-                normed, query, key, value, call, state, memory_ring
-            )
+            memory_output, state, gradient_norms = self._read_memory(normed, qkv, call, state, memory_ring)
             if self.config.block_type == "mal":
                 # Memory as layer: the memory's output joins the attention input.
-                query, key, value = self.self_attn.project(normed + memory_output.to(normed.dtype), call.cos, call.sin)
-        attn_output, state = attend(query, key, value, call.token_mask, state)
+                qkv = self.self_attn.project(normed + memory_output.to(normed.dtype), call.cos, call.sin)
+        attn_output, state = self.self_attn.attend(qkv, call.token_mask, state, attention_ring)
         if uses_memory and self.config.block_type == "mag":
             attn_output = attn_output * torch.sigmoid(memory_output).to(hidden_states.dtype)
         hidden_states = hidden_states + attn_output
@@ -331,14 +328,7 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         return LayerStep(hidden_states, state, gradient_norms)
 
     def _read_memory(
-        self,
-        normed: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        call: CallPlan,
-        state: AtlasMAGLayerState,
-        ring: bool,
+        self, normed: torch.Tensor, qkv: QKV, call: CallPlan, state: AtlasMAGLayerState, in_place: bool
     ) -> tuple[torch.Tensor, AtlasMAGLayerState, torch.Tensor | None]:
         """The memory's output (it learns on the way, per `call.schedule`), the state with the new Q-K and Omega
         histories and memory, and each sequence's summed TTL gradient norm."""
@@ -347,14 +337,13 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision.
         with torch.autocast(device_type=normed.device.type, enabled=False):
             token_weights = gamma * token_mask
-            memory_query, memory_key, memory_value = _merge_heads(query), _merge_heads(key), _merge_heads(value)
-            if not ring:
+            memory_query, memory_key, memory_value = (_merge_heads(x) for x in qkv)
+            if not in_place:
                 flat_keys = append_history(state.qk_keys, memory_key, 1)
                 key_weights = append_history(state.qk_weights, token_weights, 1)
                 memory_queries = qk_projection(memory_query, flat_keys, key_weights, self.config)
-                read = self.memory.read_and_learn(
-                    memory_queries, memory_value, token_weights, token_mask, state, call.schedule
-                )
+                inputs = MemoryInputs(memory_queries, memory_value, token_weights, token_mask)
+                read = self.memory.read_and_learn(inputs, state, call.schedule)
                 state = replace(
                     state,
                     qk_keys=keep_last(flat_keys, self.config.omega_window, 1),
@@ -369,12 +358,11 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
                 return read.output, state, read.gradient_norms
             steps = state.memory_ring_steps
             window = self.config.omega_window
-            decay = omega_decay_oldest_first(window, self.config.omega_decay, query.device)
+            decay = omega_decay_oldest_first(window, self.config.omega_decay, normed.device)
             key_weights = decay.roll(steps % window) * state.qk_weights
             memory_queries = qk_projection_one_query(memory_query, state.qk_keys, key_weights, self.config)
-            read = self.memory.read_and_learn_one_token(
-                memory_queries, memory_value, token_weights, token_mask, state, call.schedule
-            )
+            inputs = MemoryInputs(memory_queries, memory_value, token_weights, token_mask)
+            read = self.memory.read_and_learn(inputs, state, call.schedule, in_place=True)
         writes = (
             ring_write(state.qk_keys, 1, steps, memory_key[:, 0]),
             ring_write(state.qk_weights, 1, steps, token_weights[:, 0]),

@@ -102,9 +102,9 @@ def run_one_chunk(model, autocast_dtype=None):
     memory_module = model.model.layers[0].memory
     original = memory_module.read_and_learn
 
-    def capture(queries, values, token_weights, *args):
-        captured.update(queries=queries, values=values, weights=token_weights)
-        return original(queries, values, token_weights, *args)
+    def capture(inputs, *args, **kwargs):
+        captured.update(queries=inputs.queries, values=inputs.values, weights=inputs.token_weights)
+        return original(inputs, *args, **kwargs)
 
     memory_module.read_and_learn = capture
     ids = torch.randint(0, model.config.vocab_size, (1, model.config.ttl_chunk_size))
