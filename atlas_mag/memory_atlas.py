@@ -7,6 +7,7 @@ Copied next to published weights with its siblings: imports only `torch` and sib
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
@@ -22,6 +23,7 @@ from .ops_atlas import (
     memory_forward,
     memory_loss_gradients,
     omega_update_steps,
+    unpadded_ttl_schedule,
 )
 
 
@@ -61,10 +63,9 @@ class AtlasMAGMemory(nn.Module):
     """Deep polynomial memory. Its parameters are the initial memory of every sequence; test-time learning
     updates per-sequence copies (`memory_forward` / `memory_loss_gradients` above), never these tensors."""
 
-    def __init__(self, config: AtlasMAGConfig, layer_idx: int) -> None:
+    def __init__(self, config: AtlasMAGConfig) -> None:
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         self.proj_down = nn.Linear(config.hidden_size, config.memory_key_dim, bias=False)
         if config.feature_map == "taylor":
             self.feature_coefficients = nn.Parameter(self.taylor_coefficients(config.poly_degree))
@@ -85,6 +86,39 @@ class AtlasMAGMemory(nn.Module):
         return {
             name: param.float().unsqueeze(0).expand(batch_size, *param.shape) for name, param in self.named_parameters()
         }
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        values: torch.Tensor,
+        state: AtlasMAGLayerState | None = None,
+        first_position: int = 0,
+        ttl: bool = True,
+    ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
+        """The memory as a layer of its own (Atlas-MAG's blocks call `read_and_learn` with their Q-K projected
+        queries and gamma weights instead). Reads at every position of `queries` [B, T, hidden] and, with `ttl`,
+        learns to map queries to `values` [B, T, hidden] after every position `kC - 1` (C = `ttl_chunk_size`,
+        counted from `first_position`, the number of positions earlier calls on `state` saw). Returns the output
+        [B, T, hidden] and the state to pass to the next call; these parameters never change."""
+        state = state if state is not None else AtlasMAGLayerState()
+        token_mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
+        schedule = unpadded_ttl_schedule(first_position, queries.shape[1], self.config.ttl_chunk_size) if ttl else []
+        inputs = MemoryInputs(queries.float(), values.float(), token_mask.float(), token_mask)
+        read = self.read_and_learn(inputs, state, schedule)
+        return read.output, self.state_after(state, read)
+
+    @staticmethod
+    def state_after(state: AtlasMAGLayerState, read: MemoryRead) -> AtlasMAGLayerState:
+        """`state` with the memory, momentum and Omega history of `read` (a call that was not in place)."""
+        return replace(
+            state,
+            omega_queries=read.omega.queries,
+            omega_values=read.omega.values,
+            omega_weights=read.omega.weights,
+            omega_valid=read.omega.valid,
+            memory=read.memory,
+            momentum=read.momentum,
+        )
 
     def drift(self, learned: MemoryState) -> torch.Tensor:
         """How far test-time learning moved each sequence's memory from these parameters:

@@ -286,10 +286,9 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
     """One Atlas-MAG block. The block is a pure function of (hidden states, layer state): it returns the new
     state instead of writing a cache, so gradient checkpointing can replay it."""
 
-    def __init__(self, config: AtlasMAGConfig, layer_idx: int) -> None:
+    def __init__(self, config: AtlasMAGConfig) -> None:
         super().__init__()
         self.config = config
-        self.layer_idx = layer_idx
         self.input_norm = AtlasMAGRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = AtlasMAGAttention(config)
         if config.use_memory:
@@ -298,7 +297,7 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
                 nn.SiLU(),
                 nn.Linear(config.gamma_gate_hidden_size, 1, bias=False),
             )
-            self.memory = AtlasMAGMemory(config, layer_idx)
+            self.memory = AtlasMAGMemory(config)
         self.post_attention_norm = AtlasMAGRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = AtlasMAGMLP(config)
 
@@ -345,15 +344,9 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
                 inputs = MemoryInputs(memory_queries, memory_value, token_weights, token_mask)
                 read = self.memory.read_and_learn(inputs, state, call.schedule)
                 state = replace(
-                    state,
+                    self.memory.state_after(state, read),
                     qk_keys=keep_last(flat_keys, self.config.omega_window, 1),
                     qk_weights=keep_last(key_weights, self.config.omega_window, 1),
-                    omega_queries=read.omega.queries,
-                    omega_values=read.omega.values,
-                    omega_weights=read.omega.weights,
-                    omega_valid=read.omega.valid,
-                    memory=read.memory,
-                    momentum=read.momentum,
                 )
                 return read.output, state, read.gradient_norms
             steps = state.memory_ring_steps
@@ -417,7 +410,7 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.w_init = nn.Parameter(torch.zeros(config.hidden_size))
-        self.layers = nn.ModuleList(AtlasMAGBlock(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(AtlasMAGBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = AtlasMAGRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from reference_forward import memory as reference_memory
 
-from atlas_mag import AtlasMAGForCausalLM
+from atlas_mag import AtlasMAGForCausalLM, AtlasMAGMemory
 from atlas_mag.ops_atlas import (
     memory_forward,
     memory_loss_gradients,
@@ -256,3 +256,42 @@ def test_grouped_newton_schulz_equals_one_call_per_matrix():
     for name, matrix in matrices.items():
         assert grouped[name].shape == matrix.shape
         torch.testing.assert_close(grouped[name], newton_schulz(matrix, 5), rtol=0, atol=1e-12)
+
+
+class PlainRecurrentModel(torch.nn.Module):
+    """A plain PyTorch model with the Atlas memory as one of its layers (no Transformers model around it)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        self.to_query = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.to_value = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.memory = AtlasMAGMemory(config)
+        self.head = torch.nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, ids, state=None, first_position=0, ttl=True):
+        hidden = self.embed(ids)
+        read, state = self.memory(self.to_query(hidden), self.to_value(hidden), state, first_position, ttl)
+        return self.head(hidden + read), state
+
+
+def test_the_memory_layer_learns_at_test_time_inside_a_plain_pytorch_model():
+    """Under inference_mode, with TTL on: the output differs from TTL off once a chunk has been learned, calls
+    chained through the returned state equal one call over the whole input (the same updates at the same
+    positions), and the layer's parameters never change."""
+    config = tiny_config()
+    model = PlainRecurrentModel(config).eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.randint(0, config.vocab_size, (2, 15))
+    with torch.inference_mode():
+        whole, _ = model(ids)
+        off, _ = model(ids, ttl=False)
+        first, state = model(ids[:, :6])
+        second, state = model(ids[:, 6:], state, first_position=6)
+    chunk = config.ttl_chunk_size
+    torch.testing.assert_close(whole[:, :chunk], off[:, :chunk], rtol=0, atol=0)  # nothing learned yet
+    assert (whole[:, chunk:] - off[:, chunk:]).abs().max() > 1e-3
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-5, atol=1e-6)
+    assert state.memory["proj_down.weight"].shape[0] == 2  # one learned memory per sequence
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
