@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .cli import synchronize
 from .configuration_atlas import AtlasMAGConfig
 from .modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
 from .reporting import new_figure, save_figure, write_text
@@ -209,16 +210,11 @@ def cache_nbytes(cache: Any) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(function: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     result = function()
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start, result
 
 
@@ -1024,10 +1020,10 @@ def profile_atlas(
     ):
         profiler = cProfile.Profile()
         with torch.inference_mode():
-            _synchronize(device)
+            synchronize(device)
             profiler.enable()
             function()
-            _synchronize(device)
+            synchronize(device)
             profiler.disable()
         for sort in ("cumulative", "tottime"):
             stream = io.StringIO()

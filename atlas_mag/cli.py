@@ -1,5 +1,6 @@
 """What the command-line entry points share: `--set KEY=VALUE` parsing, coercing such values to a field's
-type, and telling a local path from a Hub repository id before anything tries the network."""
+type, telling a local path from a Hub repository id before anything tries the network, `--dtype` names and the
+device synchronisation that timings need."""
 
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from .configuration_atlas import AtlasMAGConfig
 
+# `--dtype` choices of the entry points.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # owner/name, as the Hub spells repository ids.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host clock around it measures the work (CUDA is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

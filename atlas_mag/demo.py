@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .cli import synchronize
+
 DEFAULT_PROMPTS = (
     "The history of the printing press begins",
     "Alice put the red key in the blue box and the green key in the yellow box. Later she opened the blue box "
@@ -78,11 +80,6 @@ class GenerationResult:
         return 1000.0 * self.seconds / max(len(self.generated_ids), 1)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def prompt_perplexity(model: PreTrainedModel, input_ids: torch.Tensor, ttl: bool) -> float | None:
     """exp(mean next-token loss) over the prompt; None for a one-token prompt (nothing to predict)."""
@@ -121,10 +118,10 @@ def generate_with(
     device = next(model.parameters()).device
     ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
     perplexity = prompt_perplexity(model, ids, ttl)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     new_ids = greedy_generate(model, tokenizer, ids, max_new_tokens, ttl=ttl)
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return GenerationResult(
         ttl=ttl,

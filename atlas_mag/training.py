@@ -13,6 +13,7 @@ Output folder of a run:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import inspect
 import json
@@ -40,7 +41,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from .cli import coerce_model_fields, coerce_scalar, local_or_hub
+from .cli import coerce_model_fields, coerce_scalar, local_or_hub, parse_assignment
 from .compat import enable_activation_checkpointing
 from .configuration_atlas import AtlasMAGConfig
 from .data import DataSource, PackedWindows, batches, load_source, mix_sources, split_holdout
@@ -184,10 +185,10 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply `dotted.key=value` to a raw config mapping; the value is parsed as YAML (`20`, `true`, `[1, 2]`,
     `null`), and list items are addressed by index (`data.sources.0.path=...`)."""
-    key, separator, text = assignment.partition("=")
-    if not separator or not key:
-        raise ConfigError(f"Override {assignment!r} is not of the form key=value")
-    value = yaml.safe_load(text)
+    try:
+        key, value = parse_assignment(assignment)
+    except argparse.ArgumentTypeError as error:
+        raise ConfigError(f"Override {assignment!r} is not of the form key=value") from error
     parts = key.split(".")
     node: Any = raw
     for depth, part in enumerate(parts):

@@ -28,9 +28,8 @@ from atlas_mag.benchmark import (  # noqa: E402
     run_benchmark,
     write_report,
 )
+from atlas_mag.cli import DTYPES  # noqa: E402
 from atlas_mag.reporting import write_text  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def lengths(text: str) -> tuple[int, ...]:
