@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .cli import synchronize
+from .compat import CACHE_FIELD
 from .configuration_atlas import AtlasMAGConfig
 from .modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
 from .reporting import new_figure, save_figure, write_text
@@ -454,7 +455,8 @@ def measure_decode_run(
     cache = cache_bytes = cache_bytes_after = None
     with torch.inference_mode():
         if not variant.recompute_prefix:
-            cache = variant(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+            # The Llama too: the cache under the installed release's name (see `compat.CACHE_FIELD`).
+            cache = getattr(variant(input_ids=ids, use_cache=True, logits_to_keep=1), CACHE_FIELD)
             cache_bytes = cache_nbytes(cache)
         for index in range(warmup + timed):
             token = steps[:, index : index + 1]
@@ -463,9 +465,9 @@ def measure_decode_run(
                 seconds, _ = _timed(lambda s=ids: variant(input_ids=s, use_cache=False, logits_to_keep=1), device)
             else:
                 seconds, output = _timed(
-                    lambda t=token, c=cache: variant(input_ids=t, cache=c, use_cache=True), device
+                    lambda t=token, c=cache: variant(input_ids=t, use_cache=True, **{CACHE_FIELD: c}), device
                 )
-                cache = output.cache
+                cache = getattr(output, CACHE_FIELD)
             if index >= warmup:
                 step_times.append(seconds)
         if cache is not None:
