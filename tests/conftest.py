@@ -31,6 +31,20 @@ TINY = dict(
 )
 
 
+def word_tokenizer(vocab_size: int = 97):
+    """A whitespace tokenizer over the words w4 .. w{vocab_size - 1} and the four special tokens, for pipelines
+    on tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
 def tiny_config(**overrides) -> AtlasMAGConfig:
     """A small config whose windows and chunks are short enough to cross many times in a short test."""
     return AtlasMAGConfig(**{**TINY, **overrides})

@@ -7,9 +7,8 @@ cache.
 
 import pytest
 import torch
-from conftest import tiny_config
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, pipeline
+from conftest import tiny_config, word_tokenizer
+from transformers import pipeline
 
 from atlas_mag import AtlasMAGCache, AtlasMAGForCausalLM
 from atlas_mag.modeling_atlas import CACHE_FIELD
@@ -113,12 +112,7 @@ def test_beam_search_sequence_scores_equal_full_forwards(model):
 
 
 def test_pipeline_steps_equal_full_forwards(model):
-    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, **{f"w{i}": i for i in range(4, 97)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
-    )
+    tokenizer = word_tokenizer()
     step_logits = []
     hook = model.lm_head.register_forward_hook(lambda _m, _i, out: step_logits.append(out[:, -1].clone()))
     try:

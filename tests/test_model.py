@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import tiny_config, word_tokenizer
 from reference_forward import reference_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -385,15 +385,9 @@ def test_generation_continues_from_returned_cache():
 
 
 def test_pipeline_generates_with_ttl(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, pipeline
+    from transformers import pipeline
 
-    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, **{f"w{i}": i for i in range(4, 97)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
-    )
+    tokenizer = word_tokenizer()
     model = make_model(initializer_range=0.2)
     prompt = " ".join(f"w{i}" for i in torch.randint(4, 97, (30,)).tolist())
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
