@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from functools import lru_cache
 from typing import Any
 
 from transformers import GenerationConfig, PretrainedConfig
@@ -67,6 +68,7 @@ SAVED_CONFIG_KEYS = frozenset(
 )
 
 
+@lru_cache(maxsize=1)
 def _base_config_keys() -> frozenset[str]:
     """Every key `PretrainedConfig` itself takes in the installed release, generation defaults included."""
     bare = PretrainedConfig()
@@ -269,6 +271,8 @@ class AtlasMAGConfig(PretrainedConfig):
     def _reject_unknown_keys(self, kwargs: dict[str, Any]) -> None:
         """A key that is neither an Atlas-MAG field nor one Transformers saves is a typo: refuse it rather than
         store it unused (`hidden_sise=32` would otherwise build the default width)."""
+        if not kwargs:
+            return
         unknown = sorted(set(kwargs) - _base_config_keys() - SAVED_CONFIG_KEYS)
         if not unknown:
             return
