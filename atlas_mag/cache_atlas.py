@@ -7,87 +7,156 @@ Copied next to published weights with its siblings: imports only `torch`, `trans
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar, TypeVar
 
 import torch
 from transformers.cache_utils import Cache
 
 from .configuration_atlas import AtlasMAGConfig
-from .ops_atlas import MemoryState
+from .ops_atlas import MemoryWeights, keep_last
 
-# The histories a layer keeps, with their time dimension.
-ATTENTION_HISTORY = {"attn_keys": 2, "attn_values": 2, "attn_valid": 1}
-MEMORY_HISTORY = {
-    "qk_keys": 1,
-    "qk_weights": 1,
-    "omega_queries": 1,
-    "omega_values": 1,
-    "omega_weights": 1,
-    "omega_valid": 1,
-}
 # (buffer, time dimension, slot, value): an in-place write into a cached history.
 HistoryWrite = tuple[torch.Tensor, int, int, torch.Tensor]
+AnyHistory = TypeVar("AnyHistory", bound="History")
+Part = TypeVar("Part", "History", MemoryWeights)
 
 
-def ring_write(buffer: torch.Tensor, dim: int, ring_steps: int, value: torch.Tensor) -> HistoryWrite:
-    """Write `value` over the oldest entry of a full ring buffer that has taken `ring_steps` writes."""
-    return buffer, dim, ring_steps % buffer.shape[dim], value
+@dataclass(frozen=True)
+class History:
+    """Tensors that a layer keeps for its last positions and that grow, are trimmed and are written as one ring
+    buffer together; `TIME_DIMS` holds each field's time dimension."""
+
+    TIME_DIMS: ClassVar[tuple[int, ...]]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, field.name) for field in fields(self))
+
+    def map(self: AnyHistory, function: Callable[[torch.Tensor], torch.Tensor]) -> AnyHistory:
+        return type(self)(*(function(tensor) for tensor in self.tensors()))
+
+    @property
+    def length(self) -> int:
+        return self.tensors()[0].shape[self.TIME_DIMS[0]]
+
+    def extended(self: AnyHistory, new: AnyHistory) -> AnyHistory:
+        """This history followed by `new` (in time order)."""
+        pairs = zip(self.tensors(), new.tensors(), self.TIME_DIMS, strict=True)
+        return type(self)(*(torch.cat([old, added], dim) for old, added, dim in pairs))
+
+    def last(self: AnyHistory, keep: int) -> AnyHistory:
+        return type(self)(*(keep_last(t, keep, dim) for t, dim in zip(self.tensors(), self.TIME_DIMS, strict=True)))
+
+    def in_time_order(self: AnyHistory, ring_steps: int) -> AnyHistory:
+        """A ring buffer that has taken `ring_steps` writes, rolled back into time order."""
+        dims = self.TIME_DIMS
+        return type(self)(*(t.roll(-(ring_steps % t.shape[d]), d) for t, d in zip(self.tensors(), dims, strict=True)))
+
+    def ring_writes(self, ring_steps: int, new: History) -> tuple[HistoryWrite, ...]:
+        """Writes of the one-position history `new` over the oldest entry of this full ring buffer."""
+        slot = ring_steps % self.length
+        return tuple(
+            (buffer, dim, slot, value.select(dim, 0))
+            for buffer, value, dim in zip(self.tensors(), new.tensors(), self.TIME_DIMS, strict=True)
+        )
+
+
+def extend(past: AnyHistory | None, new: AnyHistory) -> AnyHistory:
+    return new if past is None else past.extended(new)
+
+
+@dataclass(frozen=True)
+class AttentionWindow(History):
+    """The attention's last keys and values [B, heads, N, head_dim] and which of them are real tokens [B, N]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    TIME_DIMS: ClassVar[tuple[int, ...]] = (2, 2, 1)
+
+
+@dataclass(frozen=True)
+class QKHistory(History):
+    """The keys [B, N, hidden] that the Q-K projection sums over, with their gamma weights times validity [B, N]."""
+
+    keys: torch.Tensor
+    weights: torch.Tensor
+    TIME_DIMS: ClassVar[tuple[int, ...]] = (1, 1)
+
+
+@dataclass(frozen=True)
+class OmegaHistory(History):
+    """The positions the Omega rule's loss fits: the Q-K projected queries [B, N, hidden], the values
+    [B, N, hidden], the gamma weights [B, N] and the validity [B, N]."""
+
+    queries: torch.Tensor
+    values: torch.Tensor
+    weights: torch.Tensor
+    valid: torch.Tensor
+    TIME_DIMS: ClassVar[tuple[int, ...]] = (1, 1, 1, 1)
 
 
 @dataclass
 class AtlasMAGLayerState:
     """Everything one layer carries from one call to the next, per sequence (batch first). Bounded in size:
-    at most `sliding_window - 1` keys/values, `omega_window` Q-K keys, `omega_window - 1` Omega positions, and
-    one copy of the memory weights and momentum.
+    at most `sliding_window - 1` attention positions, `omega_window` Q-K keys, `omega_window - 1` Omega positions
+    (the sizes are set here, in the `with_*` methods) and one copy of the memory weights and momentum.
 
     Once a history is full, decoding uses it as a ring buffer: each new position is written over the oldest one
     in place (no copy of the window per token), and `*_ring_steps` count those writes since the history was
     last in time order. The writes are kept in `pending_writes` until the model commits the call."""
 
-    attn_keys: torch.Tensor | None = None
-    attn_values: torch.Tensor | None = None
-    attn_valid: torch.Tensor | None = None
-    qk_keys: torch.Tensor | None = None
-    qk_weights: torch.Tensor | None = None
-    omega_queries: torch.Tensor | None = None
-    omega_values: torch.Tensor | None = None
-    omega_weights: torch.Tensor | None = None
-    omega_valid: torch.Tensor | None = None
-    memory: MemoryState | None = None
-    momentum: MemoryState | None = None
+    attention: AttentionWindow | None = None
+    qk: QKHistory | None = None
+    omega: OmegaHistory | None = None
+    memory: MemoryWeights | None = None
+    momentum: MemoryWeights | None = None
     attention_ring_steps: int = 0
     memory_ring_steps: int = 0
     pending_writes: tuple[HistoryWrite, ...] = ()
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        for name in (*ATTENTION_HISTORY, *MEMORY_HISTORY):
-            if getattr(self, name) is not None:
-                yield getattr(self, name)
-        for weights in (self.memory, self.momentum):
-            if weights is not None:
-                yield from weights.values()
+        for part in (self.attention, self.qk, self.omega, self.memory, self.momentum):
+            if part is not None:
+                yield from part.tensors()
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> AtlasMAGLayerState:
-        changes: dict[str, Any] = {
-            name: function(getattr(self, name))
-            for name in (*ATTENTION_HISTORY, *MEMORY_HISTORY)
-            if getattr(self, name) is not None
-        }
-        for name in ("memory", "momentum"):
-            if getattr(self, name) is not None:
-                changes[name] = {key: function(tensor) for key, tensor in getattr(self, name).items()}
-        return replace(self, **changes)
+        def apply(part: Part | None) -> Part | None:
+            return None if part is None else part.map(function)
+
+        return replace(
+            self,
+            attention=apply(self.attention),
+            qk=apply(self.qk),
+            omega=apply(self.omega),
+            memory=apply(self.memory),
+            momentum=apply(self.momentum),
+        )
+
+    def with_attention(self, window: AttentionWindow, config: AtlasMAGConfig) -> AtlasMAGLayerState:
+        """This state keeping the last `sliding_window - 1` positions of `window` (a query sees itself and those)."""
+        return replace(self, attention=window.last(config.sliding_window - 1))
+
+    def with_qk_keys(self, qk: QKHistory, config: AtlasMAGConfig) -> AtlasMAGLayerState:
+        """This state keeping the last `omega_window` Q-K keys of `qk` (the next query's window)."""
+        return replace(self, qk=qk.last(config.omega_window))
+
+    def with_memory(
+        self, omega: OmegaHistory, memory: MemoryWeights, momentum: MemoryWeights | None, config: AtlasMAGConfig
+    ) -> AtlasMAGLayerState:
+        """This state with the learned memory, keeping the last `omega_window - 1` Omega positions of `omega` (the
+        next update's window, less the position it ends on)."""
+        return replace(self, omega=omega.last(config.omega_window - 1), memory=memory, momentum=momentum)
 
     def ring_ready(self, config: AtlasMAGConfig) -> tuple[bool, bool]:
         """Whether the attention and the memory histories are full, so that a one-token step can use them as
         ring buffers."""
-        attention = self.attn_keys is not None and self.attn_keys.shape[2] == config.sliding_window - 1 > 0
+        attention = self.attention is not None and self.attention.length == config.sliding_window - 1 > 0
         memory = (
-            self.qk_keys is not None
-            and self.qk_keys.shape[1] == config.omega_window
-            and self.omega_queries is not None
-            and self.omega_queries.shape[1] == config.omega_window - 1 > 0
+            self.qk is not None
+            and self.qk.length == config.omega_window
+            and self.omega is not None
+            and self.omega.length == config.omega_window - 1 > 0
         )
         return attention, memory
 
@@ -95,20 +164,41 @@ class AtlasMAGLayerState:
         """The histories laid out for this step: for a part that decodes in place, ring buffers of its own
         (copied once, when decoding in place starts, so that no caller's tensor is ever written); for a part
         that takes the general path, time order."""
-        changes: dict[str, Any] = {}
-        for history, steps_field, ring in (
-            (ATTENTION_HISTORY, "attention_ring_steps", attention_ring),
-            (MEMORY_HISTORY, "memory_ring_steps", memory_ring),
-        ):
-            steps = getattr(self, steps_field)
-            if ring and steps == 0:
-                changes.update({name: getattr(self, name).clone() for name in history})
-            elif not ring and steps:
-                for name, dim in history.items():
-                    tensor = getattr(self, name)
-                    changes[name] = tensor.roll(-(steps % tensor.shape[dim]), dim)
-                changes[steps_field] = 0
-        return replace(self, **changes) if changes else self
+        state = self
+        if attention_ring and self.attention_ring_steps == 0:
+            state = replace(state, attention=self.attention.map(torch.clone))
+        elif not attention_ring and self.attention_ring_steps:
+            attention = self.attention.in_time_order(self.attention_ring_steps)
+            state = replace(state, attention=attention, attention_ring_steps=0)
+        if memory_ring and self.memory_ring_steps == 0:
+            state = replace(state, qk=self.qk.map(torch.clone), omega=self.omega.map(torch.clone))
+        elif not memory_ring and self.memory_ring_steps:
+            steps = self.memory_ring_steps
+            qk, omega = self.qk.in_time_order(steps), self.omega.in_time_order(steps)
+            state = replace(state, qk=qk, omega=omega, memory_ring_steps=0)
+        return state
+
+    def with_attention_ring_write(self, new: AttentionWindow) -> AtlasMAGLayerState:
+        """This state with `new` (one position) pending as a write over the oldest slot of the attention ring."""
+        writes = self.attention.ring_writes(self.attention_ring_steps, new)
+        return replace(
+            self, attention_ring_steps=self.attention_ring_steps + 1, pending_writes=self.pending_writes + writes
+        )
+
+    def with_memory_ring_write(
+        self, qk: QKHistory, omega: OmegaHistory, memory: MemoryWeights, momentum: MemoryWeights | None
+    ) -> AtlasMAGLayerState:
+        """This state with the learned memory and the new position's Q-K and Omega entries pending as writes over
+        the oldest slots of their rings."""
+        steps = self.memory_ring_steps
+        writes = self.qk.ring_writes(steps, qk) + self.omega.ring_writes(steps, omega)
+        return replace(
+            self,
+            memory=memory,
+            momentum=momentum,
+            memory_ring_steps=steps + 1,
+            pending_writes=self.pending_writes + writes,
+        )
 
     def commit(self) -> AtlasMAGLayerState:
         """Apply the pending in-place writes (the model calls this once the whole call has succeeded)."""
@@ -265,7 +355,7 @@ class AtlasMAGCache(Cache):
             if layer.state is not None:
                 yield from layer.state.tensors()
 
-    def memory_states(self) -> list[MemoryState | None]:
+    def memory_states(self) -> list[MemoryWeights | None]:
         """Each layer's per-sequence memory weights, None for a layer that has not run or has no memory."""
         return [layer.state.memory if layer.state is not None else None for layer in self.layers]
 

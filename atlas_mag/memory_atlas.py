@@ -7,34 +7,25 @@ Copied next to published weights with its siblings: imports only `torch` and sib
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .cache_atlas import AtlasMAGLayerState
+from .cache_atlas import AtlasMAGLayerState, OmegaHistory, QKHistory, extend
 from .configuration_atlas import AtlasMAGConfig
 from .ops_atlas import (
-    MemoryState,
+    MemoryForward,
+    MemoryWeights,
     TTLUpdate,
-    append_history,
-    keep_last,
     memory_forward,
     memory_loss_gradients,
+    omega_decay_oldest_first,
     omega_update_steps,
+    qk_projection,
+    qk_projection_one_query,
     unpadded_ttl_schedule,
 )
-
-
-class OmegaHistory(NamedTuple):
-    """The last `omega_window - 1` positions the Omega rule's loss fits, per sequence: the Q-K projected queries
-    [B, N, hidden], the values [B, N, hidden], the gamma weights [B, N] and the validity [B, N]."""
-
-    queries: torch.Tensor
-    values: torch.Tensor
-    weights: torch.Tensor
-    valid: torch.Tensor
 
 
 class MemoryInputs(NamedTuple):
@@ -49,19 +40,29 @@ class MemoryInputs(NamedTuple):
 
 class MemoryRead(NamedTuple):
     """What reading (and learning) over a call gives: the output [B, T, hidden], the memory and momentum after
-    the call's updates, each sequence's summed gradient norm over them ([B], None if none), and the new Omega
-    history (None for a ring-buffer step, whose history is written in place)."""
+    the call's updates, each sequence's summed gradient norm over them ([B], None if none), and the Omega history
+    followed by the new positions (None for a ring-buffer step, whose history is written in place)."""
 
     output: torch.Tensor
-    memory: MemoryState
-    momentum: MemoryState | None
+    memory: MemoryWeights
+    momentum: MemoryWeights | None
     gradient_norms: torch.Tensor | None
     omega: OmegaHistory | None = None
 
 
+class MemoryStep(NamedTuple):
+    """The memory's part of a block step: its output [B, T, hidden], the layer state holding its new histories
+    and memory (ring writes pending), and each sequence's summed TTL gradient norm ([B], None if no update)."""
+
+    output: torch.Tensor
+    state: AtlasMAGLayerState
+    gradient_norms: torch.Tensor | None
+
+
 class AtlasMAGMemory(nn.Module):
     """Deep polynomial memory. Its parameters are the initial memory of every sequence; test-time learning
-    updates per-sequence copies (`memory_forward` / `memory_loss_gradients` above), never these tensors."""
+    updates per-sequence copies (`memory_forward` / `memory_loss_gradients` in `ops_atlas.py`), never these
+    tensors."""
 
     def __init__(self, config: AtlasMAGConfig) -> None:
         super().__init__()
@@ -81,11 +82,24 @@ class AtlasMAGMemory(nn.Module):
     def taylor_coefficients(degree: int) -> torch.Tensor:
         return torch.tensor([1.0 / math.factorial(d) for d in range(1, degree + 1)])
 
-    def initial_state(self, batch_size: int) -> MemoryState:
+    def weights(self) -> MemoryWeights:
+        """These parameters as the memory's weights (the same tensors)."""
+        return MemoryWeights(
+            proj_down=self.proj_down.weight,
+            feature_coefficients=getattr(self, "feature_coefficients", None),
+            poly_norm_weight=self.poly_norm.weight,
+            poly_norm_bias=self.poly_norm.bias,
+            poly_compress=self.poly_compress.weight,
+            mlp=tuple(layer.weight for layer in self.mlp),
+            proj_up=self.proj_up.weight,
+            output_norm_weight=self.output_norm.weight,
+            output_norm_bias=self.output_norm.bias,
+            output_scale=self.output_scale,
+        )
+
+    def initial_state(self, batch_size: int) -> MemoryWeights:
         """The parameters as fp32 [B, *shape] views (no copy until a sequence's first update)."""
-        return {
-            name: param.float().unsqueeze(0).expand(batch_size, *param.shape) for name, param in self.named_parameters()
-        }
+        return self.weights().map(lambda param: param.float().unsqueeze(0).expand(batch_size, *param.shape))
 
     def forward(
         self,
@@ -95,8 +109,8 @@ class AtlasMAGMemory(nn.Module):
         first_position: int = 0,
         ttl: bool = True,
     ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
-        """The memory as a layer of its own (Atlas-MAG's blocks call `read_and_learn` with their Q-K projected
-        queries and gamma weights instead). Reads at every position of `queries` [B, T, hidden] and, with `ttl`,
+        """The memory as a layer of its own (Atlas-MAG's blocks call `block_forward` instead, which adds the Q-K
+        projection and the gamma weights). Reads at every position of `queries` [B, T, hidden] and, with `ttl`,
         learns to map queries to `values` [B, T, hidden] after every position `kC - 1` (C = `ttl_chunk_size`,
         counted from `first_position`, the number of positions earlier calls on `state` saw). Returns the output
         [B, T, hidden] and the state to pass to the next call; these parameters never change."""
@@ -105,28 +119,46 @@ class AtlasMAGMemory(nn.Module):
         schedule = unpadded_ttl_schedule(first_position, queries.shape[1], self.config.ttl_chunk_size) if ttl else []
         inputs = MemoryInputs(queries.float(), values.float(), token_mask.float(), token_mask)
         read = self.read_and_learn(inputs, state, schedule)
-        return read.output, self.state_after(state, read)
+        return read.output, state.with_memory(read.omega, read.memory, read.momentum, self.config)
 
-    @staticmethod
-    def state_after(state: AtlasMAGLayerState, read: MemoryRead) -> AtlasMAGLayerState:
-        """`state` with the memory, momentum and Omega history of `read` (a call that was not in place)."""
-        return replace(
-            state,
-            omega_queries=read.omega.queries,
-            omega_values=read.omega.values,
-            omega_weights=read.omega.weights,
-            omega_valid=read.omega.valid,
-            memory=read.memory,
-            momentum=read.momentum,
-        )
+    def block_forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        token_weights: torch.Tensor,
+        token_mask: torch.Tensor,
+        state: AtlasMAGLayerState,
+        schedule: list[TTLUpdate],
+        in_place: bool,
+    ) -> MemoryStep:
+        """The memory's part of an Atlas-MAG block: the Q-K projection of the attention's `query` over the past
+        keys (each [B, T, hidden], fp32; `token_weights` are gamma times the real-token mask), then
+        `read_and_learn`. `in_place`: one new position over full histories, which act as ring buffers."""
+        new_keys = QKHistory(key, token_weights)
+        if not in_place:
+            keys = extend(state.qk, new_keys)
+            queries = qk_projection(query, keys.keys, keys.weights, self.config)
+            read = self.read_and_learn(MemoryInputs(queries, value, token_weights, token_mask), state, schedule)
+            state = state.with_qk_keys(keys, self.config)
+            state = state.with_memory(read.omega, read.memory, read.momentum, self.config)
+            return MemoryStep(read.output, state, read.gradient_norms)
+        window = self.config.omega_window
+        decay = omega_decay_oldest_first(window, self.config.omega_decay, query.device)
+        key_weights = decay.roll(state.memory_ring_steps % window) * state.qk.weights
+        queries = qk_projection_one_query(query, state.qk.keys, key_weights, self.config)
+        inputs = MemoryInputs(queries, value, token_weights, token_mask)
+        read = self.read_and_learn(inputs, state, schedule, in_place=True)
+        state = state.with_memory_ring_write(new_keys, OmegaHistory(*inputs), read.memory, read.momentum)
+        return MemoryStep(read.output, state, read.gradient_norms)
 
-    def drift(self, learned: MemoryState) -> torch.Tensor:
+    def drift(self, learned: MemoryWeights) -> torch.Tensor:
         """How far test-time learning moved each sequence's memory from these parameters:
         ||M_learned - M_0|| / ||M_0|| over all of them ([batch])."""
         change_sq, initial_sq = 0.0, 0.0
-        for name, param in self.named_parameters():
+        for param, tensor in zip(self.weights().tensors(), learned.tensors(), strict=True):
             initial = param.detach().float()
-            change_sq = change_sq + (learned[name] - initial).reshape(learned[name].shape[0], -1).pow(2).sum(1)
+            change_sq = change_sq + (tensor - initial).reshape(tensor.shape[0], -1).pow(2).sum(1)
             initial_sq += initial.pow(2).sum()
         return change_sq.sqrt() / initial_sq.sqrt().clamp(min=1e-12)
 
@@ -137,20 +169,18 @@ class AtlasMAGMemory(nn.Module):
 
         The update after column `c` fits the last `omega_window` positions up to and including `c`; tokens after
         it read the updated memory. Returns the output [B, T, hidden], the memory and momentum after the call, the
-        Omega-window history and each sequence's summed gradient norm over the call's updates ([B], or None).
-        `in_place`: one new position over a full Omega history (decoding), see `_read_and_learn_in_place`.
+        Omega history with the new positions and each sequence's summed gradient norm over the call's updates
+        ([B], or None). `in_place`: one new position over a full Omega history (decoding), see
+        `_read_and_learn_in_place`.
         """
         if in_place:
             return self._read_and_learn_in_place(inputs, state, schedule)
-        queries, values, token_weights, token_mask = inputs
+        queries = inputs.queries
         config = self.config
         memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
         momentum = state.momentum
-        window_queries = append_history(state.omega_queries, queries, 1)
-        window_values = append_history(state.omega_values, values, 1)
-        window_weights = append_history(state.omega_weights, token_weights, 1)
-        window_valid = append_history(state.omega_valid, token_mask, 1)
-        past = window_queries.shape[1] - queries.shape[1]
+        history = extend(state.omega, OmegaHistory(*inputs))
+        past = history.length - queries.shape[1]
 
         outputs = []
         gradient_norms = []
@@ -161,29 +191,14 @@ class AtlasMAGMemory(nn.Module):
             # in a prefill), the read's forward pass is also the update's.
             reuse = rows is None and window.start == past + start
             read = memory_forward(memory, queries[:, start : column + 1], config, keep_activations=reuse)
-            outputs.append(read[0])
+            outputs.append(read.output)
             start = column + 1
             selection = (slice(None), window) if rows is None else (rows, window)
-            memory, momentum, norms = self._learn(
-                memory,
-                momentum,
-                rows,
-                window_queries[selection],
-                window_values[selection],
-                window_weights[selection],
-                window_valid[selection],
-                read if reuse else None,
-            )
+            fitted = OmegaHistory(*(tensor[selection] for tensor in history.tensors()))
+            memory, momentum, norms = self._learn(memory, momentum, rows, fitted, read if reuse else None)
             gradient_norms.append(norms)
         if start < queries.shape[1]:
-            outputs.append(memory_forward(memory, queries[:, start:], config)[0])
-        keep = config.omega_window - 1
-        history = OmegaHistory(
-            keep_last(window_queries, keep, 1),
-            keep_last(window_values, keep, 1),
-            keep_last(window_weights, keep, 1),
-            keep_last(window_valid, keep, 1),
-        )
+            outputs.append(memory_forward(memory, queries[:, start:], config).output)
         norms = torch.stack(gradient_norms).sum(0) if gradient_norms else None
         return MemoryRead(torch.cat(outputs, dim=1), memory, momentum, norms, history)
 
@@ -193,67 +208,58 @@ class AtlasMAGMemory(nn.Module):
         """`read_and_learn` for one new position when the Omega history is a full ring buffer (decoding): only an
         update (every `ttl_chunk_size` tokens) reads the history, joined to the new position. Returns the output,
         the memory and momentum after the step and the update's gradient norms (or None)."""
-        queries, values, token_weights, token_mask = inputs
-        memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
-        output = memory_forward(memory, queries, self.config)[0]
+        memory = state.memory if state.memory is not None else self.initial_state(inputs.queries.shape[0])
+        output = memory_forward(memory, inputs.queries, self.config).output
         if not schedule:
             return MemoryRead(output, memory, state.momentum, None)
         ((_, rows),) = schedule
         # The Omega loss sums over the window's positions, so the ring's order does not matter.
-        window = [
-            torch.cat([history, new], dim=1)
-            for history, new in (
-                (state.omega_queries, queries),
-                (state.omega_values, values),
-                (state.omega_weights, token_weights),
-                (state.omega_valid, token_mask),
-            )
-        ]
+        window = state.omega.extended(OmegaHistory(*inputs))
         if rows is not None:
-            window = [tensor[rows] for tensor in window]
-        memory, momentum, norms = self._learn(memory, state.momentum, rows, *window)
+            window = window.map(lambda tensor: tensor[rows])
+        memory, momentum, norms = self._learn(memory, state.momentum, rows, window)
         return MemoryRead(output, memory, momentum, norms)
 
     def _learn(
         self,
-        memory: MemoryState,
-        momentum: MemoryState | None,
+        memory: MemoryWeights,
+        momentum: MemoryWeights | None,
         rows: torch.Tensor | None,
-        queries: torch.Tensor,
-        values: torch.Tensor,
-        weights: torch.Tensor,
-        valid: torch.Tensor,
-        forward: tuple[torch.Tensor, dict[str, Any]] | None = None,
-    ) -> tuple[MemoryState, MemoryState, torch.Tensor]:
-        """One Omega-rule step for the sequences in `rows` (None: all of them); the others keep their memory.
-        Returns the memory, the momentum and each sequence's mean gradient norm [B] (0 for rows that did not
-        learn)."""
+        window: OmegaHistory,
+        forward: MemoryForward | None = None,
+    ) -> tuple[MemoryWeights, MemoryWeights, torch.Tensor]:
+        """One Omega-rule step for the sequences in `rows` (None: all of them) over their `window`; the others
+        keep their memory. Returns the memory, the momentum and each sequence's mean gradient norm [B] (0 for rows
+        that did not learn)."""
         config = self.config
         every_row = rows is None
-        selected = memory if every_row else {name: value[rows] for name, value in memory.items()}
+        selected = memory if every_row else memory.map(lambda tensor: tensor[rows])
         selected_momentum = None
         if momentum is not None:
-            selected_momentum = momentum if every_row else {name: value[rows] for name, value in momentum.items()}
+            selected_momentum = momentum if every_row else momentum.map(lambda tensor: tensor[rows])
         # The loss is a mean over the real tokens of each sequence's window.
-        token_weights = weights / valid.sum(1, keepdim=True).clamp(min=1)
+        token_weights = window.weights / window.valid.sum(1, keepdim=True).clamp(min=1)
         through_updates = config.ttl_backprop_through_updates and torch.is_grad_enabled()
         with torch.set_grad_enabled(through_updates):
-            inputs = (queries, values, token_weights)
+            inputs = (window.queries, window.values, token_weights)
             learn_state = selected
             if not through_updates:
                 inputs = tuple(t.detach() for t in inputs)
-                learn_state = {name: value.detach() for name, value in selected.items()}
+                learn_state = selected.map(torch.Tensor.detach)
             grads, _ = memory_loss_gradients(learn_state, *inputs, config, forward)
             steps, new_momentum, grad_norms = omega_update_steps(grads, selected_momentum, config)
-        names = list(selected)
-        decayed = torch._foreach_mul([selected[name] for name in names], config.ttl_decay)
-        updated = dict(zip(names, torch._foreach_sub(decayed, [steps[name] for name in names]), strict=True))
+        decayed = torch._foreach_mul(selected.tensors(), config.ttl_decay)
+        updated = selected.with_tensors(torch._foreach_sub(decayed, steps.tensors()))
         row_norms = grad_norms.float().mean(1)
         if every_row:
             return updated, new_momentum, row_norms
         if momentum is None:
-            momentum = {name: torch.zeros_like(value) for name, value in memory.items()}
-        merged_memory = {name: memory[name].index_copy(0, rows, updated[name]) for name in memory}
-        merged_momentum = {name: momentum[name].index_copy(0, rows, new_momentum[name]) for name in momentum}
-        batch_norms = row_norms.new_zeros(next(iter(memory.values())).shape[0]).index_copy(0, rows, row_norms)
-        return merged_memory, merged_momentum, batch_norms
+            momentum = memory.map(torch.zeros_like)
+        batch_norms = row_norms.new_zeros(memory.proj_down.shape[0]).index_copy(0, rows, row_norms)
+        return _with_rows(memory, rows, updated), _with_rows(momentum, rows, new_momentum), batch_norms
+
+
+def _with_rows(whole: MemoryWeights, rows: torch.Tensor, part: MemoryWeights) -> MemoryWeights:
+    """`whole` with the batch rows `rows` replaced by `part`."""
+    pairs = zip(whole.tensors(), part.tensors(), strict=True)
+    return whole.with_tensors([tensor.index_copy(0, rows, new) for tensor, new in pairs])

@@ -18,7 +18,7 @@ This file is copied next to published weights: it imports only `transformers`, `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -31,17 +31,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState, ring_write
+from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState, AttentionWindow, extend
 from .configuration_atlas import AtlasMAGConfig
-from .memory_atlas import AtlasMAGMemory, MemoryInputs
+from .memory_atlas import AtlasMAGMemory, MemoryStep
 from .ops_atlas import (
     TTLUpdate,
-    append_history,
     apply_rotary,
-    keep_last,
-    omega_decay_oldest_first,
-    qk_projection,
-    qk_projection_one_query,
     rotary_cos_sin,
     sliding_window_attention,
     ttl_schedule,
@@ -231,55 +226,39 @@ class AtlasMAGAttention(nn.Module):
         return QKV(query, key, heads(self.v_proj(hidden_states)))
 
     def attend(
-        self, qkv: QKV, token_mask: torch.Tensor, state: AtlasMAGLayerState, in_place: bool
+        self, qkv: QKV, token_mask: torch.Tensor, state: AtlasMAGLayerState, in_place: bool, config: AtlasMAGConfig
     ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
-        """The attention output over the cached window and the new positions, and the state holding the last
-        `sliding_window - 1` of them (`in_place`: a decoding step over a full window, see `_attend_in_place`)."""
+        """The attention output over the cached window and the new positions, and the state holding the window
+        for the next call (`in_place`: a decoding step over a full window, see `_attend_in_place`)."""
+        new = AttentionWindow(qkv.key, qkv.value, token_mask)
         if in_place:
-            return self._attend_in_place(qkv, token_mask, state)
-        query, key, value = qkv
-        keys = append_history(state.attn_keys, key, 2)
-        values = append_history(state.attn_values, value, 2)
-        valid = append_history(state.attn_valid, token_mask, 1)
-        attended = sliding_window_attention(query, keys, values, valid, self.sliding_window)
-        batch, _, length, _ = attended.shape
-        output = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-        keep = self.sliding_window - 1
-        return output, replace(
-            state,
-            attn_keys=keep_last(keys, keep, 2),
-            attn_values=keep_last(values, keep, 2),
-            attn_valid=keep_last(valid, keep, 1),
-        )
+            return self._attend_in_place(qkv.query, new, state)
+        window = extend(state.attention, new)
+        attended = sliding_window_attention(qkv.query, window.keys, window.values, window.valid, self.sliding_window)
+        return self.o_proj(_merge_heads(attended)), state.with_attention(window, config)
 
     def _attend_in_place(
-        self, qkv: QKV, token_mask: torch.Tensor, state: AtlasMAGLayerState
+        self, query: torch.Tensor, new: AttentionWindow, state: AtlasMAGLayerState
     ) -> tuple[torch.Tensor, AtlasMAGLayerState]:
         """`attend` for one new position when the cached window is a full ring buffer (decoding): the query sees
         every cached real token and itself (softmax is blind to the keys' order), and the new key, value and
-        validity become writes over the oldest slot (pending in the new state) instead of a concatenated copy of the
-        window."""
-        query, key, value = qkv
+        validity become writes over the oldest slot (pending in the new state) instead of a concatenated copy of
+        the window."""
+        cached = state.attention
         scale = self.head_dim**-0.5
-        scores = torch.matmul(query, state.attn_keys.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~state.attn_valid[:, None, None, :], float("-inf"))
-        own_score = (query * key).sum(-1, keepdim=True) * scale
-        weights = torch.softmax(torch.cat([scores, own_score], dim=-1), dim=-1, dtype=torch.float32).to(value.dtype)
-        attended = torch.matmul(weights[..., :-1], state.attn_values) + weights[..., -1:] * value
-        output = self.o_proj(attended.transpose(1, 2).reshape(query.shape[0], 1, -1))
-        steps = state.attention_ring_steps
-        writes = (
-            ring_write(state.attn_keys, 2, steps, key[:, :, 0]),
-            ring_write(state.attn_values, 2, steps, value[:, :, 0]),
-            ring_write(state.attn_valid, 1, steps, token_mask[:, 0]),
-        )
-        return output, replace(state, attention_ring_steps=steps + 1, pending_writes=state.pending_writes + writes)
+        scores = torch.matmul(query, cached.keys.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~cached.valid[:, None, None, :], float("-inf"))
+        own_score = (query * new.keys).sum(-1, keepdim=True) * scale
+        weights = torch.softmax(torch.cat([scores, own_score], dim=-1), dim=-1, dtype=torch.float32)
+        weights = weights.to(new.values.dtype)
+        attended = torch.matmul(weights[..., :-1], cached.values) + weights[..., -1:] * new.values
+        return self.o_proj(_merge_heads(attended)), state.with_attention_ring_write(new)
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] -> [B, T, H*D] in fp32 (the memory side of the block works in fp32)."""
+    """[B, H, T, D] -> [B, T, H*D]."""
     batch, _, length, _ = x.shape
-    return x.transpose(1, 2).reshape(batch, length, -1).float()
+    return x.transpose(1, 2).reshape(batch, length, -1)
 
 
 class AtlasMAGBlock(GradientCheckpointingLayer):
@@ -319,7 +298,7 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
             if self.config.block_type == "mal":
                 # Memory as layer: the memory's output joins the attention input.
                 qkv = self.self_attn.project(normed + memory_output.to(normed.dtype), call.cos, call.sin)
-        attn_output, state = self.self_attn.attend(qkv, call.token_mask, state, attention_ring)
+        attn_output, state = self.self_attn.attend(qkv, call.token_mask, state, attention_ring, self.config)
         if uses_memory and self.config.block_type == "mag":
             attn_output = attn_output * torch.sigmoid(memory_output).to(hidden_states.dtype)
         hidden_states = hidden_states + attn_output
@@ -328,50 +307,16 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
 
     def _read_memory(
         self, normed: torch.Tensor, qkv: QKV, call: CallPlan, state: AtlasMAGLayerState, in_place: bool
-    ) -> tuple[torch.Tensor, AtlasMAGLayerState, torch.Tensor | None]:
-        """The memory's output (it learns on the way, per `call.schedule`), the state with the new Q-K and Omega
-        histories and memory, and each sequence's summed TTL gradient norm."""
-        token_mask = call.token_mask
+    ) -> MemoryStep:
+        """The memory's output (it learns on the way, per `call.schedule`) from the gamma weights of the new
+        positions and the attention's projections, in fp32."""
         gamma = torch.sigmoid(self.gamma_gate(normed).squeeze(-1).float())
         # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision.
         with torch.autocast(device_type=normed.device.type, enabled=False):
-            token_weights = gamma * token_mask
-            memory_query, memory_key, memory_value = (_merge_heads(x) for x in qkv)
-            if not in_place:
-                flat_keys = append_history(state.qk_keys, memory_key, 1)
-                key_weights = append_history(state.qk_weights, token_weights, 1)
-                memory_queries = qk_projection(memory_query, flat_keys, key_weights, self.config)
-                inputs = MemoryInputs(memory_queries, memory_value, token_weights, token_mask)
-                read = self.memory.read_and_learn(inputs, state, call.schedule)
-                state = replace(
-                    self.memory.state_after(state, read),
-                    qk_keys=keep_last(flat_keys, self.config.omega_window, 1),
-                    qk_weights=keep_last(key_weights, self.config.omega_window, 1),
-                )
-                return read.output, state, read.gradient_norms
-            steps = state.memory_ring_steps
-            window = self.config.omega_window
-            decay = omega_decay_oldest_first(window, self.config.omega_decay, normed.device)
-            key_weights = decay.roll(steps % window) * state.qk_weights
-            memory_queries = qk_projection_one_query(memory_query, state.qk_keys, key_weights, self.config)
-            inputs = MemoryInputs(memory_queries, memory_value, token_weights, token_mask)
-            read = self.memory.read_and_learn(inputs, state, call.schedule, in_place=True)
-        writes = (
-            ring_write(state.qk_keys, 1, steps, memory_key[:, 0]),
-            ring_write(state.qk_weights, 1, steps, token_weights[:, 0]),
-            ring_write(state.omega_queries, 1, steps, memory_queries[:, 0]),
-            ring_write(state.omega_values, 1, steps, memory_value[:, 0]),
-            ring_write(state.omega_weights, 1, steps, token_weights[:, 0]),
-            ring_write(state.omega_valid, 1, steps, token_mask[:, 0]),
-        )
-        state = replace(
-            state,
-            memory_ring_steps=steps + 1,
-            memory=read.memory,
-            momentum=read.momentum,
-            pending_writes=state.pending_writes + writes,
-        )
-        return read.output, state, read.gradient_norms
+            query, key, value = (_merge_heads(x).float() for x in qkv)
+            return self.memory.block_forward(
+                query, key, value, gamma * call.token_mask, call.token_mask, state, call.schedule, in_place
+            )
 
 
 class AtlasMAGPreTrainedModel(PreTrainedModel):

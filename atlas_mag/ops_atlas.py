@@ -9,9 +9,10 @@ only `torch` and `configuration_atlas.py`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from functools import lru_cache, wraps
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     first, second = x32.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)
-
-
-def append_history(past: torch.Tensor | None, new: torch.Tensor, dim: int) -> torch.Tensor:
-    return new if past is None else torch.cat([past, new], dim=dim)
 
 
 def keep_last(tensor: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
@@ -218,7 +215,70 @@ def qk_projection_one_query(
     return (config.qk_persistent_scale * query + summed) / (normalizer + norm_sum[:, None, None] + QK_EPS)
 
 
-MemoryState = dict[str, torch.Tensor]
+@dataclass(frozen=True)
+class MemoryWeights:
+    """The memory's weights, named after what they are: one copy per sequence ([B, *shape], fp32) for test-time
+    learning, or the module's parameters (unbatched). Its gradients, momentum and update steps have the same
+    structure."""
+
+    proj_down: torch.Tensor  # [key_dim, hidden]
+    feature_coefficients: torch.Tensor | None  # [poly_degree], the Taylor feature map's only
+    poly_norm_weight: torch.Tensor  # [feature_size]
+    poly_norm_bias: torch.Tensor  # [feature_size]
+    poly_compress: torch.Tensor  # [poly_rank, feature_size]
+    mlp: tuple[torch.Tensor, ...]  # memory_depth + 1 matrices, poly_rank -> ... -> key_dim
+    proj_up: torch.Tensor  # [hidden, key_dim]
+    output_norm_weight: torch.Tensor  # [hidden]
+    output_norm_bias: torch.Tensor  # [hidden]
+    output_scale: torch.Tensor  # []
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight, in field order."""
+        flat = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, tuple):
+                flat.extend(value)
+            elif value is not None:
+                flat.append(value)
+        return flat
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> MemoryWeights:
+        """The same structure holding `tensors` (in `tensors()` order) instead."""
+        remaining = iter(tensors)
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, tuple):
+                values[field.name] = tuple(next(remaining) for _ in value)
+            else:
+                values[field.name] = None if value is None else next(remaining)
+        if next(remaining, None) is not None:
+            raise ValueError("MemoryWeights.with_tensors: more tensors than weights")
+        return MemoryWeights(**values)
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> MemoryWeights:
+        return self.with_tensors([function(tensor) for tensor in self.tensors()])
+
+
+class MemoryActivations(NamedTuple):
+    """What the analytic backward of `memory_forward` needs, per sequence."""
+
+    queries: torch.Tensor  # [B, N, hidden]
+    raw_blocks: list[torch.Tensor]  # the monomial blocks before the Taylor coefficients; block 0 is proj_down(q)
+    features_normed: torch.Tensor
+    features_rstd: torch.Tensor
+    layer_inputs: list[torch.Tensor]  # the input of poly_compress, then of every memory-MLP layer
+    pre_activations: list[torch.Tensor]
+    memory_output: torch.Tensor  # the memory MLP's output, the input of proj_up
+    up_normed: torch.Tensor
+    up_rstd: torch.Tensor
+    affine: torch.Tensor  # output_norm's output, before output_scale
+
+
+class MemoryForward(NamedTuple):
+    output: torch.Tensor  # [B, N, hidden]
+    activations: MemoryActivations | None
 
 
 @_cached_constant
@@ -282,52 +342,51 @@ def _per_sequence(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def memory_forward(
-    state: MemoryState, queries: torch.Tensor, config: AtlasMAGConfig, keep_activations: bool = False
-) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    weights: MemoryWeights, queries: torch.Tensor, config: AtlasMAGConfig, keep_activations: bool = False
+) -> MemoryForward:
     """Memory(z) with per-sequence weights (reference doc, "Memory(z)").
 
-    `state` maps parameter names to [B, *shape] fp32 tensors; `queries` is [B, N, hidden] fp32.
-    Returns the [B, N, hidden] output and, if asked, what the analytic backward needs.
+    `weights` are [B, *shape] fp32 tensors; `queries` is [B, N, hidden] fp32. Returns the [B, N, hidden] output
+    and, if asked, what the analytic backward needs.
     """
     eps = config.layer_norm_eps
-    projected = _bmm_t(queries, state["proj_down.weight"])
+    projected = _bmm_t(queries, weights.proj_down)
     raw_blocks = monomial_blocks(projected, config.poly_degree)
-    if config.feature_map == "taylor":
-        coefficients = state["feature_coefficients"]
+    if weights.feature_coefficients is not None:
+        coefficients = weights.feature_coefficients
         blocks = [block * coefficients[:, i, None, None] for i, block in enumerate(raw_blocks)]
     else:
         blocks = raw_blocks
     features = torch.cat(blocks, dim=-1)
     features_normed, features_rstd = _layer_norm(features, eps)
-    compress_input = features_normed * state["poly_norm.weight"][:, None] + state["poly_norm.bias"][:, None]
+    compress_input = features_normed * weights.poly_norm_weight[:, None] + weights.poly_norm_bias[:, None]
     layer_inputs = [compress_input]
     pre_activations = []
-    hidden = _bmm_t(compress_input, state["poly_compress.weight"])
-    for i in range(config.memory_depth + 1):
+    hidden = _bmm_t(compress_input, weights.poly_compress)
+    for i, layer_weight in enumerate(weights.mlp):
         layer_inputs.append(hidden)
-        pre = _bmm_t(hidden, state[f"mlp.{i}.weight"])
+        pre = _bmm_t(hidden, layer_weight)
         pre_activations.append(pre)
         hidden = F.gelu(pre) if i < config.memory_depth else pre
-    up = _bmm_t(hidden, state["proj_up.weight"])
+    up = _bmm_t(hidden, weights.proj_up)
     up_normed, up_rstd = _layer_norm(up, eps)
-    affine = up_normed * state["output_norm.weight"][:, None] + state["output_norm.bias"][:, None]
-    output = state["output_scale"][:, None, None] * affine
+    affine = up_normed * weights.output_norm_weight[:, None] + weights.output_norm_bias[:, None]
+    output = weights.output_scale[:, None, None] * affine
     if not keep_activations:
-        return output, None
-    activations = {
-        "queries": queries,
-        "projected": projected,
-        "raw_blocks": raw_blocks,
-        "features_normed": features_normed,
-        "features_rstd": features_rstd,
-        "layer_inputs": layer_inputs,
-        "pre_activations": pre_activations,
-        "memory_output": hidden,
-        "up_normed": up_normed,
-        "up_rstd": up_rstd,
-        "affine": affine,
-    }
-    return output, activations
+        return MemoryForward(output, None)
+    activations = MemoryActivations(
+        queries=queries,
+        raw_blocks=raw_blocks,
+        features_normed=features_normed,
+        features_rstd=features_rstd,
+        layer_inputs=layer_inputs,
+        pre_activations=pre_activations,
+        memory_output=hidden,
+        up_normed=up_normed,
+        up_rstd=up_rstd,
+        affine=affine,
+    )
+    return MemoryForward(output, activations)
 
 
 def polynomial_features_backward(raw_blocks: list[torch.Tensor], grad_blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -350,57 +409,67 @@ def polynomial_features_backward(raw_blocks: list[torch.Tensor], grad_blocks: li
 
 
 def memory_loss_gradients(
-    state: MemoryState,
+    weights: MemoryWeights,
     queries: torch.Tensor,
     targets: torch.Tensor,
     token_weights: torch.Tensor,
     config: AtlasMAGConfig,
-    forward: tuple[torch.Tensor, dict[str, Any]] | None = None,
-) -> tuple[MemoryState, torch.Tensor]:
+    forward: MemoryForward | None = None,
+) -> tuple[MemoryWeights, torch.Tensor]:
     """Analytic gradients of the Omega-rule loss of each sequence,
     L_b = sum_i w_bi ||Memory_b(q'_bi) - v_bi||^2 (Atlas eq. for the Omega rule with gamma weights),
-    with respect to every memory parameter. Returns the gradients ([B, *shape]) and the losses [B].
-    `forward` is `memory_forward(state, queries, config, keep_activations=True)` when the caller has it already.
+    with respect to every memory weight. Returns the gradients ([B, *shape]) and the losses [B].
+    `forward` is `memory_forward(weights, queries, config, keep_activations=True)` when the caller has it already.
     """
-    output, act = forward if forward is not None else memory_forward(state, queries, config, keep_activations=True)
+    output, act = forward if forward is not None else memory_forward(weights, queries, config, keep_activations=True)
     residual = output - targets
     losses = (token_weights * residual.pow(2).sum(-1)).sum(-1)
     grad_output = 2.0 * token_weights[..., None] * residual
-    grads: MemoryState = {}
 
-    grads["output_scale"] = (grad_output * act["affine"]).sum((1, 2))
-    grad_affine = grad_output * state["output_scale"][:, None, None]
-    grads["output_norm.weight"] = (grad_affine * act["up_normed"]).sum(1)
-    grads["output_norm.bias"] = grad_affine.sum(1)
-    grad_up = _layer_norm_backward(
-        grad_affine * state["output_norm.weight"][:, None], act["up_normed"], act["up_rstd"]
-    )
-    grads["proj_up.weight"] = torch.matmul(grad_up.transpose(1, 2), act["memory_output"])
-    grad_hidden = torch.matmul(grad_up, state["proj_up.weight"])
+    grad_output_scale = (grad_output * act.affine).sum((1, 2))
+    grad_affine = grad_output * weights.output_scale[:, None, None]
+    grad_output_norm_weight = (grad_affine * act.up_normed).sum(1)
+    grad_output_norm_bias = grad_affine.sum(1)
+    grad_up = _layer_norm_backward(grad_affine * weights.output_norm_weight[:, None], act.up_normed, act.up_rstd)
+    grad_proj_up = torch.matmul(grad_up.transpose(1, 2), act.memory_output)
+    grad_hidden = torch.matmul(grad_up, weights.proj_up)
 
-    for i in reversed(range(config.memory_depth + 1)):
+    grad_mlp = []
+    for i in reversed(range(len(weights.mlp))):
         if i < config.memory_depth:
-            grad_hidden = grad_hidden * _gelu_derivative(act["pre_activations"][i])
-        grads[f"mlp.{i}.weight"] = torch.matmul(grad_hidden.transpose(1, 2), act["layer_inputs"][i + 1])
-        grad_hidden = torch.matmul(grad_hidden, state[f"mlp.{i}.weight"])
+            grad_hidden = grad_hidden * _gelu_derivative(act.pre_activations[i])
+        grad_mlp.append(torch.matmul(grad_hidden.transpose(1, 2), act.layer_inputs[i + 1]))
+        grad_hidden = torch.matmul(grad_hidden, weights.mlp[i])
 
-    grads["poly_compress.weight"] = torch.matmul(grad_hidden.transpose(1, 2), act["layer_inputs"][0])
-    grad_compress_input = torch.matmul(grad_hidden, state["poly_compress.weight"])
-    grads["poly_norm.weight"] = (grad_compress_input * act["features_normed"]).sum(1)
-    grads["poly_norm.bias"] = grad_compress_input.sum(1)
+    grad_poly_compress = torch.matmul(grad_hidden.transpose(1, 2), act.layer_inputs[0])
+    grad_compress_input = torch.matmul(grad_hidden, weights.poly_compress)
+    grad_poly_norm_weight = (grad_compress_input * act.features_normed).sum(1)
+    grad_poly_norm_bias = grad_compress_input.sum(1)
     grad_features = _layer_norm_backward(
-        grad_compress_input * state["poly_norm.weight"][:, None], act["features_normed"], act["features_rstd"]
+        grad_compress_input * weights.poly_norm_weight[:, None], act.features_normed, act.features_rstd
     )
-    block_sizes = [block.shape[-1] for block in act["raw_blocks"]]
+    block_sizes = [block.shape[-1] for block in act.raw_blocks]
     grad_blocks = list(grad_features.split(block_sizes, dim=-1))
-    if config.feature_map == "taylor":
-        coefficients = state["feature_coefficients"]
-        grads["feature_coefficients"] = torch.stack(
-            [(g * raw).sum((1, 2)) for g, raw in zip(grad_blocks, act["raw_blocks"], strict=True)], dim=1
+    grad_coefficients = None
+    if weights.feature_coefficients is not None:
+        coefficients = weights.feature_coefficients
+        grad_coefficients = torch.stack(
+            [(g * raw).sum((1, 2)) for g, raw in zip(grad_blocks, act.raw_blocks, strict=True)], dim=1
         )
         grad_blocks = [g * coefficients[:, i, None, None] for i, g in enumerate(grad_blocks)]
-    grad_projected = polynomial_features_backward(act["raw_blocks"], grad_blocks)
-    grads["proj_down.weight"] = torch.matmul(grad_projected.transpose(1, 2), act["queries"])
+    grad_projected = polynomial_features_backward(act.raw_blocks, grad_blocks)
+    grads = MemoryWeights(
+        proj_down=torch.matmul(grad_projected.transpose(1, 2), act.queries),
+        feature_coefficients=grad_coefficients,
+        poly_norm_weight=grad_poly_norm_weight,
+        poly_norm_bias=grad_poly_norm_bias,
+        poly_compress=grad_poly_compress,
+        mlp=tuple(reversed(grad_mlp)),
+        proj_up=grad_proj_up,
+        output_norm_weight=grad_output_norm_weight,
+        output_norm_bias=grad_output_norm_bias,
+        output_scale=grad_output_scale,
+    )
     return grads, losses
 
 
@@ -419,44 +488,38 @@ def newton_schulz(matrix: torch.Tensor, steps: int) -> torch.Tensor:
     return x.transpose(-1, -2) if transposed else x
 
 
-def newton_schulz_grouped(matrices: dict[str, torch.Tensor], steps: int) -> dict[str, torch.Tensor]:
+def newton_schulz_grouped(matrices: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
     """`newton_schulz` of several [B, m, n] matrices, one batched call per shape of their smaller Gram side
     (each slice is normalised by its own norm, so batching changes nothing but the number of calls: in the
     published model proj_down, proj_up^T and the memory MLP's weight are all [64, 512])."""
-    oriented = {
-        name: matrix.transpose(-1, -2) if matrix.shape[-2] > matrix.shape[-1] else matrix
-        for name, matrix in matrices.items()
-    }
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for name, matrix in oriented.items():
-        groups.setdefault(tuple(matrix.shape[1:]), []).append(name)
-    results = {}
-    for names in groups.values():
-        stacked = oriented[names[0]] if len(names) == 1 else torch.cat([oriented[name] for name in names])
-        parts = newton_schulz(stacked, steps).split(oriented[names[0]].shape[0])
-        for name, part in zip(names, parts, strict=True):
-            results[name] = part if oriented[name] is matrices[name] else part.transpose(-1, -2)
+    oriented = [matrix.transpose(-1, -2) if matrix.shape[-2] > matrix.shape[-1] else matrix for matrix in matrices]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, matrix in enumerate(oriented):
+        groups.setdefault(tuple(matrix.shape[1:]), []).append(index)
+    results = list(matrices)
+    for indices in groups.values():
+        stacked = oriented[indices[0]] if len(indices) == 1 else torch.cat([oriented[index] for index in indices])
+        parts = newton_schulz(stacked, steps).split(oriented[indices[0]].shape[0])
+        for index, part in zip(indices, parts, strict=True):
+            results[index] = part if oriented[index] is matrices[index] else part.transpose(-1, -2)
     return results
 
 
 def omega_update_steps(
-    grads: MemoryState, momentum: MemoryState | None, config: AtlasMAGConfig
-) -> tuple[MemoryState, MemoryState, torch.Tensor]:
+    grads: MemoryWeights, momentum: MemoryWeights | None, config: AtlasMAGConfig
+) -> tuple[MemoryWeights, MemoryWeights, torch.Tensor]:
     """One optimiser step of the memory: momentum `S = theta S + g`, then the step `eta * update(S)` that
     `W = alpha W - step` applies. Muon orthogonalises matrices with Newton–Schulz and normalises vectors and the
     scalar by their norm; plain descent (OmegaNet) uses S as is. Returns steps, new momentum and the gradient
-    norms [B, n_params] (for the adaptive learning rate and for diagnostics)."""
-    # Elementwise work on every parameter at once goes through `torch._foreach_*` (one dispatch, one kernel
-    # launch per list instead of one per parameter); norms are per sequence, so they stay per parameter.
-    names = list(grads)
-    grad_list = [grads[name] for name in names]
+    norms [B, n_weights] (for the adaptive learning rate and for diagnostics)."""
+    # Elementwise work on every weight at once goes through `torch._foreach_*` (one dispatch, one kernel launch
+    # per list instead of one per weight); norms are per sequence, so they stay per weight.
+    grad_list = grads.tensors()
     grad_norms = torch.stack([_sequence_norm(grad) for grad in grad_list], dim=1)
     if momentum is None:
         moments = grad_list
     else:
-        decayed_momentum = torch._foreach_mul([momentum[name] for name in names], config.ttl_momentum)
-        moments = torch._foreach_add(decayed_momentum, grad_list)
-    new_momentum = dict(zip(names, moments, strict=True))
+        moments = torch._foreach_add(torch._foreach_mul(momentum.tensors(), config.ttl_momentum), grad_list)
     if config.ttl_adaptive_lr:
         # eta / (1 + ||g||), the reference rule. Muon's directions are bounded, so that bounds its steps; plain
         # descent applies S itself, and a gradient that shrinks after large ones leaves S far longer than g, which
@@ -469,21 +532,20 @@ def omega_update_steps(
             divisors = torch.maximum(divisors, (1.0 - config.ttl_momentum) * moment_norms)
         learning_rates = list((config.ttl_lr / divisors).unbind(1))
     else:
-        learning_rates = [torch.full_like(grad_norms[:, 0], config.ttl_lr)] * len(names)
-    if config.memory_optimizer == "gd":
-        directions = new_momentum
-    else:
-        matrices = {name: moment for name, moment in new_momentum.items() if moment.dim() == 3}
-        directions = newton_schulz_grouped(matrices, config.ttl_ns_steps)
-        for index, name in enumerate(names):
-            if name not in directions:
+        learning_rates = [torch.full_like(grad_norms[:, 0], config.ttl_lr)] * len(grad_list)
+    directions = list(moments)
+    if config.memory_optimizer != "gd":
+        matrix_indices = [index for index, moment in enumerate(moments) if moment.dim() == 3]
+        orthogonalised = newton_schulz_grouped([moments[index] for index in matrix_indices], config.ttl_ns_steps)
+        for index, direction in zip(matrix_indices, orthogonalised, strict=True):
+            directions[index] = direction
+        for index, moment in enumerate(moments):
+            if moment.dim() != 3:
                 # A vector or the scalar moves along S / ||S||: the division goes into its learning rate.
-                directions[name] = new_momentum[name]
-                learning_rates[index] = learning_rates[index] / _sequence_norm(new_momentum[name]).clamp(min=NORM_FLOOR)
-    direction_list = [directions[name] for name in names]
-    scales = [_per_sequence(rate, direction) for rate, direction in zip(learning_rates, direction_list, strict=True)]
-    steps = dict(zip(names, torch._foreach_mul(direction_list, scales), strict=True))
-    return steps, new_momentum, grad_norms
+                learning_rates[index] = learning_rates[index] / _sequence_norm(moment).clamp(min=NORM_FLOOR)
+    scales = [_per_sequence(rate, direction) for rate, direction in zip(learning_rates, directions, strict=True)]
+    steps = grads.with_tensors(torch._foreach_mul(directions, scales))
+    return steps, grads.with_tensors(moments), grad_norms
 
 
 # One TTL update: the column (position in the call) after which it happens, and the batch rows that learn there

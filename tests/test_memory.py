@@ -1,5 +1,7 @@
 """The memory's analytic gradients and the Omega-rule update, against autograd and the reference doc's rule."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,34 +30,48 @@ MEMORY_VARIANTS = {
 
 def random_state(config, batch=3):
     memory = AtlasMAGForCausalLM(config).model.layers[0].memory
-    return {
-        name: (param.detach().unsqueeze(0) + 0.3 * torch.randn(batch, *param.shape)).contiguous()
-        for name, param in memory.named_parameters()
-    }
+    return memory.initial_state(batch).map(lambda initial: (initial.detach() + 0.3 * torch.randn_like(initial)))
+
+
+def by_name(config, weights):
+    """`weights` keyed by the memory layer's parameter names (those of the reference doc, less its w1/w2)."""
+    memory = AtlasMAGMemory(config)
+    name_of = {id(param): name for name, param in memory.named_parameters()}
+    names = [name_of[id(weight)] for weight in memory.weights().tensors()]
+    return dict(zip(names, weights.tensors(), strict=True))
+
+
+@pytest.mark.parametrize("variant", MEMORY_VARIANTS)
+def test_the_memory_weights_are_every_parameter_of_the_layer(variant):
+    """Test-time learning updates `weights()`: it must hold every parameter of the layer, each once (a
+    parameter added or renamed without it would silently never learn)."""
+    memory = AtlasMAGMemory(tiny_config(**MEMORY_VARIANTS[variant]))
+    weights = memory.weights().tensors()
+    assert len(weights) == len(list(memory.parameters()))
+    assert {id(weight) for weight in weights} == {id(param) for param in memory.parameters()}
 
 
 @pytest.mark.parametrize("variant", MEMORY_VARIANTS)
 def test_analytic_gradients_match_autograd(variant):
     # In float64, so that the two computations agree to far below any error in a formula.
     config = tiny_config(**MEMORY_VARIANTS[variant])
-    state = {name: value.double() for name, value in random_state(config).items()}
+    state = random_state(config).map(torch.Tensor.double)
     queries = torch.randn(3, 11, config.hidden_size, dtype=torch.float64)
     targets = torch.randn(3, 11, config.hidden_size, dtype=torch.float64)
     weights = torch.rand(3, 11, dtype=torch.float64)
     weights[1, :4] = 0  # masked positions contribute nothing
 
-    leaves = {name: value.clone().requires_grad_(True) for name, value in state.items()}
-    output, _ = memory_forward(leaves, queries, config)
+    leaves = state.map(lambda value: value.clone().requires_grad_(True))
+    output = memory_forward(leaves, queries, config).output
     losses = (weights * (output - targets).pow(2).sum(-1)).sum(-1)
     # Each sequence's gradient is that of its own loss: the sum over sequences separates them.
-    expected = torch.autograd.grad(losses.sum(), list(leaves.values()))
+    expected = torch.autograd.grad(losses.sum(), leaves.tensors())
 
     with torch.inference_mode():
         analytic, analytic_losses = memory_loss_gradients(state, queries, targets, weights, config)
     assert torch.allclose(analytic_losses, losses.detach(), rtol=1e-10)
-    assert analytic.keys() == state.keys()
-    for name, grad in zip(leaves, expected, strict=True):
-        assert torch.allclose(analytic[name], grad, rtol=1e-8, atol=1e-10), name
+    for (name, got), grad in zip(by_name(config, analytic).items(), expected, strict=True):
+        assert torch.allclose(got, grad, rtol=1e-8, atol=1e-10), name
 
 
 def test_memory_forward_matches_reference_formula():
@@ -74,9 +90,10 @@ def test_memory_forward_matches_reference_formula():
         "output_norm.bias": "output_norm.bias",
         "output_scale": "output_scale",
     }
-    sd = {ref: state[ours][0] for ref, ours in reference_names.items()}
+    named = by_name(config, state)
+    sd = {ref: named[ours][0] for ref, ours in reference_names.items()}
     expected = reference_memory(queries[0], sd, "")
-    assert torch.allclose(memory_forward(state, queries, config)[0][0], expected, atol=1e-5)
+    assert torch.allclose(memory_forward(state, queries, config).output[0], expected, atol=1e-5)
 
 
 def reference_newton_schulz(g, steps):
@@ -120,6 +137,7 @@ def test_one_chunk_applies_the_reference_omega_rule():
     model = AtlasMAGForCausalLM(config).eval()
     memory_module = model.model.layers[0].memory
     learned, captured = run_one_chunk(model)
+    learned = by_name(config, learned)
 
     params = {name: p.detach().clone().requires_grad_(True) for name, p in memory_module.named_parameters()}
     ref_names = {"mlp.0.weight": "w2.weight", "mlp.1.weight": "w1.weight"}
@@ -140,10 +158,10 @@ def test_memory_output_uses_the_gelu_mlp_without_residual():
     config = tiny_config(memory_depth=1)
     state = random_state(config, batch=1)
     queries = torch.randn(1, 5, config.hidden_size)
-    _, activations = memory_forward(state, queries, config, keep_activations=True)
-    hidden = activations["layer_inputs"][1]
-    expected = F.gelu(hidden @ state["mlp.0.weight"][0].T) @ state["mlp.1.weight"][0].T
-    assert torch.allclose(activations["memory_output"][0], expected, atol=1e-6)
+    activations = memory_forward(state, queries, config, keep_activations=True).activations
+    hidden = activations.layer_inputs[1]
+    expected = F.gelu(hidden @ state.mlp[0][0].T) @ state.mlp[1][0].T
+    assert torch.allclose(activations.memory_output[0], expected, atol=1e-6)
 
 
 def test_memory_math_stays_fp32_under_autocast():
@@ -156,11 +174,11 @@ def test_memory_math_stays_fp32_under_autocast():
     grads, _ = memory_loss_gradients(
         initial, captured["queries"], captured["values"], captured["weights"] / config.ttl_chunk_size, config
     )
-    g = grads["poly_compress.weight"][0]
+    g = grads.poly_compress[0]
     lr = config.ttl_lr / (1 + g.norm())
     step = lr * reference_newton_schulz(g, config.ttl_ns_steps)
-    expected = config.ttl_decay * initial["poly_compress.weight"][0] - step
-    assert torch.allclose(learned["poly_compress.weight"][0], expected, atol=1e-5)
+    expected = config.ttl_decay * initial.poly_compress[0] - step
+    assert torch.allclose(learned.poly_compress[0], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("adaptive_lr", [True, False])
@@ -168,18 +186,18 @@ def test_update_steps_follow_the_reference_rule_with_momentum(adaptive_lr):
     """A later step (momentum present) of every parameter, sequence by sequence, against the reference doc's
     rule: S = 0.9 S + g, step = eta / (1 + ||g||) * (NS(S) for matrices, S / ||S|| otherwise)."""
     config = tiny_config(ttl_adaptive_lr=adaptive_lr)
-    state = {name: value.double() for name, value in random_state(config, batch=2).items()}
-    grads = {name: torch.randn_like(value) for name, value in state.items()}
-    momentum = {name: torch.randn_like(value) for name, value in state.items()}
+    state = random_state(config, batch=2).map(torch.Tensor.double)
+    grads, momentum = state.map(torch.randn_like), state.map(torch.randn_like)
     steps, new_momentum, grad_norms = omega_update_steps(grads, momentum, config)
-    for index, name in enumerate(state):
+    weights = zip(grads.tensors(), momentum.tensors(), new_momentum.tensors(), steps.tensors(), strict=True)
+    for index, (grad, old_moment, new_moment, step) in enumerate(weights):
         for row in range(2):
-            g = grads[name][row]
-            moment = config.ttl_momentum * momentum[name][row] + g
+            g = grad[row]
+            moment = config.ttl_momentum * old_moment[row] + g
             lr = config.ttl_lr / (1 + g.norm()) if adaptive_lr else config.ttl_lr
             direction = reference_newton_schulz(moment, config.ttl_ns_steps) if g.dim() == 2 else moment / moment.norm()
-            torch.testing.assert_close(new_momentum[name][row], moment, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(steps[name][row], lr * direction, rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(new_moment[row], moment, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(step[row], lr * direction, rtol=1e-8, atol=1e-12)
             torch.testing.assert_close(grad_norms[row, index], g.norm(), rtol=1e-12, atol=0)
 
 
@@ -188,43 +206,40 @@ def test_plain_descent_follows_the_reference_rule_and_caps_runaway_steps():
     stream of such gradients makes it; a momentum far longer than the current gradient (a gradient that has just
     shrunk after large ones, which made the memory diverge) gives a step of length eta / (1 - theta) at most."""
     config = tiny_config(memory_optimizer="gd")
-    state = {name: value.double() for name, value in random_state(config, batch=2).items()}
-    grads = {name: torch.randn_like(value) for name, value in state.items()}
-    momentum = {name: 0.5 * grads[name] for name in state}
-    steps, new_momentum, _ = omega_update_steps(grads, momentum, config)
-    for name in state:
+    state = random_state(config, batch=2).map(torch.Tensor.double)
+    grads = state.map(torch.randn_like)
+    steps, new_momentum, _ = omega_update_steps(grads, grads.map(lambda grad: 0.5 * grad), config)
+    for grad, new_moment, step in zip(grads.tensors(), new_momentum.tensors(), steps.tensors(), strict=True):
         for row in range(2):
-            g, moment = grads[name][row], new_momentum[name][row]
+            g, moment = grad[row], new_moment[row]
             torch.testing.assert_close(moment, 1.45 * g)
-            torch.testing.assert_close(steps[name][row], config.ttl_lr / (1 + g.norm()) * moment)
+            torch.testing.assert_close(step[row], config.ttl_lr / (1 + g.norm()) * moment)
 
-    grads = {name: 1e-3 * torch.randn_like(value) for name, value in state.items()}
-    momentum = {name: 1e6 * torch.randn_like(value) for name, value in state.items()}
+    grads = state.map(lambda value: 1e-3 * torch.randn_like(value))
+    momentum = state.map(lambda value: 1e6 * torch.randn_like(value))
     steps, new_momentum, _ = omega_update_steps(grads, momentum, config)
     longest = config.ttl_lr / (1 - config.ttl_momentum)
-    for name in state:
+    for new_moment, step in zip(new_momentum.tensors(), steps.tensors(), strict=True):
         for row in range(2):
-            moment = new_momentum[name][row]
-            torch.testing.assert_close(steps[name][row], longest * moment / moment.norm())
-            assert steps[name][row].norm() <= longest * (1 + 1e-12)
+            moment = new_moment[row]
+            torch.testing.assert_close(step[row], longest * moment / moment.norm())
+            assert step[row].norm() <= longest * (1 + 1e-12)
 
 
 def test_update_steps_are_differentiable():
     """Backpropagation through updates differentiates the whole step (momentum, norms, Newton–Schulz, learning
     rates): autograd against finite differences, for a matrix, a vector and the scalar."""
     config = tiny_config()
-    state = {name: value.double() for name, value in random_state(config, batch=2).items()}
-    grads = {name: torch.randn_like(value) for name, value in state.items()}
-    momentum = {name: torch.randn_like(value) for name, value in state.items()}
-    varied = ("proj_down.weight", "output_norm.bias", "output_scale")
+    state = random_state(config, batch=2).map(torch.Tensor.double)
+    grads, momentum = state.map(torch.randn_like), state.map(torch.randn_like)
 
-    def update_steps(*inputs):
-        changed = {**grads, **dict(zip(varied, inputs, strict=True))}
+    def update_steps(proj_down, output_norm_bias, output_scale):
+        changed = replace(grads, proj_down=proj_down, output_norm_bias=output_norm_bias, output_scale=output_scale)
         steps, new_momentum, _ = omega_update_steps(changed, momentum, config)
-        return tuple(steps[name] for name in varied) + (new_momentum["proj_down.weight"],)
+        return steps.proj_down, steps.output_norm_bias, steps.output_scale, new_momentum.proj_down
 
-    inputs = tuple(grads[name].clone().requires_grad_(True) for name in varied)
-    assert torch.autograd.gradcheck(update_steps, inputs)
+    varied = (grads.proj_down, grads.output_norm_bias, grads.output_scale)
+    assert torch.autograd.gradcheck(update_steps, tuple(grad.clone().requires_grad_(True) for grad in varied))
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
@@ -245,17 +260,13 @@ def test_grouped_newton_schulz_equals_one_call_per_matrix():
     """Matrices whose smaller Gram side has the same shape share one batched call; each result is the one of
     its own call (a [8, 4] matrix joins the [4, 8] ones through its transpose)."""
     torch.manual_seed(0)
-    matrices = {
-        "down": torch.randn(2, 4, 8, dtype=torch.float64),
-        "up": torch.randn(2, 8, 4, dtype=torch.float64),
-        "mlp": torch.randn(2, 4, 8, dtype=torch.float64),
-        "square": torch.randn(2, 3, 3, dtype=torch.float64),
-    }
+    shapes = [(2, 4, 8), (2, 8, 4), (2, 4, 8), (2, 3, 3)]  # down, up, mlp, a square one
+    matrices = [torch.randn(*shape, dtype=torch.float64) for shape in shapes]
     grouped = newton_schulz_grouped(matrices, 5)
-    assert set(grouped) == set(matrices)
-    for name, matrix in matrices.items():
-        assert grouped[name].shape == matrix.shape
-        torch.testing.assert_close(grouped[name], newton_schulz(matrix, 5), rtol=0, atol=1e-12)
+    assert len(grouped) == len(matrices)
+    for got, matrix in zip(grouped, matrices, strict=True):
+        assert got.shape == matrix.shape
+        torch.testing.assert_close(got, newton_schulz(matrix, 5), rtol=0, atol=1e-12)
 
 
 class PlainRecurrentModel(torch.nn.Module):
@@ -292,6 +303,6 @@ def test_the_memory_layer_learns_at_test_time_inside_a_plain_pytorch_model():
     torch.testing.assert_close(whole[:, :chunk], off[:, :chunk], rtol=0, atol=0)  # nothing learned yet
     assert (whole[:, chunk:] - off[:, chunk:]).abs().max() > 1e-3
     torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-5, atol=1e-6)
-    assert state.memory["proj_down.weight"].shape[0] == 2  # one learned memory per sequence
+    assert state.memory.proj_down.shape[0] == 2  # one learned memory per sequence
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name

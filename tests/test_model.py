@@ -9,7 +9,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM, ops_atlas
-from atlas_mag.cache_atlas import ATTENTION_HISTORY, MEMORY_HISTORY
 from atlas_mag.compat import disable_activation_checkpointing, enable_activation_checkpointing
 from atlas_mag.modeling_atlas import CACHE_FIELD
 from atlas_mag.ops_atlas import ttl_schedule, unpadded_ttl_schedule
@@ -324,8 +323,8 @@ def test_memory_math_is_fp32_under_bf16():
         out = model(ids, use_cache=True)
     state = out.cache.layers[0].state
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
-    assert all(t.dtype == torch.float32 for t in state.memory.values())
-    assert state.omega_queries.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in state.memory.tensors())
+    assert state.omega.queries.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -503,7 +502,8 @@ def test_bad_inputs_are_caught_with_a_message():
 
 
 def _histories(cache):
-    return [getattr(layer.state, name) for layer in cache.layers for name in (*ATTENTION_HISTORY, *MEMORY_HISTORY)]
+    parts = [part for layer in cache.layers for part in (layer.state.attention, layer.state.qk, layer.state.omega)]
+    return [tensor for part in parts for tensor in part.tensors()]
 
 
 def test_decoding_writes_the_windows_in_place():
@@ -536,7 +536,7 @@ def test_nan_during_an_in_place_decoding_step_leaves_the_cache_as_it_was():
         for t in range(3 * chunk, 4 * chunk - 1):  # up to the token before the next update
             model(ids[:, t : t + 1], cache=cache)
         assert cache.layers[1].state.memory_ring_steps > 0
-        cache.memory_states()[1]["poly_compress.weight"][0, 0, 0] = float("nan")
+        cache.memory_states()[1].poly_compress[0, 0, 0] = float("nan")
         before = [t.clone() for t in cache.state_tensors()]
         with pytest.raises(FloatingPointError, match="layer 1"):
             model(ids[:, 4 * chunk - 1 : 4 * chunk], cache=cache)
@@ -549,7 +549,7 @@ def test_nan_in_memory_is_caught():
     model = make_model()
     with torch.no_grad():
         cache = model(torch.randint(0, 97, (1, 6))).cache  # one update: the cache owns its memory
-    cache.memory_states()[1]["poly_compress.weight"][0, 0, 0] = float("nan")  # a poisoned memory
+    cache.memory_states()[1].poly_compress[0, 0, 0] = float("nan")  # a poisoned memory
     before = [t.clone() for t in cache.state_tensors()]
     with pytest.raises(FloatingPointError, match="layer 1"):
         model(torch.randint(0, 97, (1, 12)), cache=cache)
