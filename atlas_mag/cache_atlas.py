@@ -1,5 +1,6 @@
 """The Atlas-MAG cache: per layer, the attention window, the Q-K and Omega histories and each sequence's memory
-weights and momentum, bounded in size; ring-buffer writes for decoding, applied when a call commits.
+weights and momentum, bounded in size; ring-buffer writes for decoding, applied when a call commits; and the plan
+of a call (its token mask, positions and TTL schedule), which it derives from the cache.
 
 Copied next to published weights with its siblings: imports only `torch`, `transformers` and sibling files.
 """
@@ -14,7 +15,15 @@ import torch
 from transformers.cache_utils import Cache
 
 from .configuration_atlas import AtlasMAGConfig
-from .ops_atlas import MemoryWeights, keep_last
+from .ops_atlas import (
+    MemoryWeights,
+    TTLUpdate,
+    keep_last,
+    rotary_cos_sin,
+    ttl_schedule,
+    unpadded_ttl_schedule,
+    update_counts,
+)
 
 # (buffer, time dimension, slot, value): an in-place write into a cached history.
 HistoryWrite = tuple[torch.Tensor, int, int, torch.Tensor]
@@ -365,3 +374,111 @@ class AtlasMAGCache(Cache):
             tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in self.state_tensors()
         }
         return sum(storages.values())
+
+
+@dataclass
+class CallPlan:
+    """What one forward call derives from its inputs and its cache before the first layer; every layer reads it.
+
+    Built by `CallPlan.for_call`: the cache the call continues (checked) or starts, which positions are real
+    tokens, their RoPE angles (each sequence's own positions), when each sequence learns, and whether decoding may
+    write the cached windows in place."""
+
+    cache: AtlasMAGCache | None
+    num_layers: int
+    token_mask: torch.Tensor  # [B, T] bool: real tokens (padding is never attended to or learned from)
+    cos: torch.Tensor  # RoPE angles of each sequence's own positions
+    sin: torch.Tensor
+    schedule: list[TTLUpdate]  # when each sequence learns in this call (see `ttl_schedule`)
+    memory_gate: bool  # False: every block is `x + attn(x)`, the memory neither read nor trained
+    unpadded: bool  # no sequence has ever held padding
+    in_place: bool  # a one-token step under no_grad: full windows act as ring buffers
+
+    @classmethod
+    def for_call(
+        cls,
+        config: AtlasMAGConfig,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: AtlasMAGCache | None,
+        use_cache: bool,
+        ttl: bool | None,
+        memory_gate: bool,
+    ) -> CallPlan:
+        batch_size, length = inputs_embeds.shape[:2]
+        ttl = config.ttl_enabled if ttl is None else ttl
+        if cache is not None:
+            if not isinstance(cache, AtlasMAGCache):
+                raise TypeError(f"Atlas-MAG needs an AtlasMAGCache as its cache, got {type(cache).__name__}")
+            cache.check_layout(config)
+            if cache.batch_size not in (-1, batch_size):
+                raise ValueError(f"The cache holds {cache.batch_size} sequences but the input has {batch_size}.")
+        if use_cache and cache is None:
+            cache = AtlasMAGCache(config)
+        cache = cache if use_cache else None
+
+        token_mask = new_token_mask(attention_mask, batch_size, length, inputs_embeds.device, cache)
+        tokens_seen = cache.tokens_seen if cache is not None else None
+        if tokens_seen is None:
+            tokens_seen = torch.zeros(batch_size, dtype=torch.long, device=inputs_embeds.device)
+        positions = (tokens_seen[:, None] + token_mask.long().cumsum(1) - 1).clamp(min=0)
+        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+        learns = ttl and memory_gate and config.use_memory
+        unpadded = attention_mask is None and (cache is None or cache.unpadded)
+        schedule = []
+        if learns and unpadded:
+            # No int local for the position: a compiled graph would specialise on it and recompile every token.
+            schedule = unpadded_ttl_schedule(
+                cache.positions_seen if cache is not None else 0, length, config.ttl_chunk_size
+            )
+        elif learns:
+            schedule = ttl_schedule(token_mask, positions, config.ttl_chunk_size)
+        return cls(
+            cache=cache,
+            num_layers=config.num_hidden_layers,
+            token_mask=token_mask,
+            cos=cos,
+            sin=sin,
+            schedule=schedule,
+            memory_gate=memory_gate,
+            unpadded=unpadded,
+            # A decoding step writes into the cached windows in place (at commit); under autograd they might be
+            # saved for backward, so a step that records gradients takes the copying path.
+            in_place=cache is not None and length == 1 and not torch.is_grad_enabled(),
+        )
+
+    def layer_states(self) -> list[AtlasMAGLayerState | None]:
+        if self.cache is None:
+            return [None] * self.num_layers
+        return [layer.state for layer in self.cache.layers]
+
+    def commit(self, states: list[AtlasMAGLayerState]) -> None:
+        """Store the layers' new states (applying their in-place writes) and count the call's tokens."""
+        if self.cache is None:
+            return
+        for layer_cache, state in zip(self.cache.layers, states, strict=True):
+            layer_cache.state = state.commit()
+        self.cache.advance(self.token_mask, self.unpadded)
+
+    def update_counts(self) -> torch.Tensor:
+        return update_counts(self.schedule, self.token_mask.shape[0], self.token_mask.device)
+
+
+def new_token_mask(
+    attention_mask: torch.Tensor | None, batch_size: int, length: int, device: torch.device, cache: AtlasMAGCache | None
+) -> torch.Tensor:
+    """Boolean [B, T] mask of the new positions. Accepts a mask over the new tokens or, as `generate` passes it,
+    over past and new tokens."""
+    if attention_mask is None:
+        return torch.ones(batch_size, length, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
+        raise ValueError(
+            f"attention_mask must be 2-D [batch, length] with batch {batch_size}, got {tuple(attention_mask.shape)}"
+        )
+    past = cache.positions_seen if cache is not None else 0
+    if attention_mask.shape[1] not in (length, past + length):
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[1]} columns; expected {length} (new tokens) or "
+            f"{past + length} (past and new tokens)"
+        )
+    return attention_mask[:, -length:].to(device=device, dtype=torch.bool)

@@ -31,23 +31,14 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState, AttentionWindow, extend
+from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState, AttentionWindow, CallPlan, extend
 from .configuration_atlas import AtlasMAGConfig
 from .memory_atlas import AtlasMAGMemory, MemoryStep
-from .ops_atlas import (
-    TTLUpdate,
-    apply_rotary,
-    rotary_cos_sin,
-    sliding_window_attention,
-    ttl_schedule,
-    unpadded_ttl_schedule,
-    update_counts,
-)
+from .ops_atlas import apply_rotary, sliding_window_attention
 
 # ---------------------------------------------------------------------------------------------------------------
-# Small layers
+# Outputs and arguments
 # ---------------------------------------------------------------------------------------------------------------
-
 
 # The name under which the installed Transformers passes the cache to `forward` and returns it in outputs:
 # `cache` from 5.24 on, `past_key_values` before. Our forwards take both and return it under this one.
@@ -113,6 +104,10 @@ def reject_unused_arguments(method: str, kwargs: dict[str, Any]) -> None:
         raise TypeError(f"{method}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Small layers
+# ---------------------------------------------------------------------------------------------------------------
+
 class AtlasMAGRMSNorm(nn.Module):
     """RMSNorm computed in fp32, as in the reference."""
 
@@ -143,37 +138,6 @@ class AtlasMAGMLP(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Blocks and models
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CallPlan:
-    """What one forward call decided before its first layer (`AtlasMAGModel._plan_call`); every layer reads it."""
-
-    cache: AtlasMAGCache | None
-    num_layers: int
-    token_mask: torch.Tensor  # [B, T] bool: real tokens (padding is never attended to or learned from)
-    cos: torch.Tensor  # RoPE angles of each sequence's own positions
-    sin: torch.Tensor
-    schedule: list[TTLUpdate]  # when each sequence learns in this call (see `ttl_schedule`)
-    memory_gate: bool  # False: every block is `x + attn(x)`, the memory neither read nor trained
-    unpadded: bool  # no sequence has ever held padding
-    in_place: bool  # a one-token step under no_grad: full windows act as ring buffers
-
-    def layer_states(self) -> list[AtlasMAGLayerState | None]:
-        if self.cache is None:
-            return [None] * self.num_layers
-        return [layer.state for layer in self.cache.layers]
-
-    def commit(self, states: list[AtlasMAGLayerState]) -> None:
-        """Store the layers' new states (applying their in-place writes) and count the call's tokens."""
-        if self.cache is None:
-            return
-        for layer_cache, state in zip(self.cache.layers, states, strict=True):
-            layer_cache.state = state.commit()
-        self.cache.advance(self.token_mask, self.unpadded)
-
-    def update_counts(self) -> torch.Tensor:
-        return update_counts(self.schedule, self.token_mask.shape[0], self.token_mask.device)
 
 
 @dataclass
@@ -412,9 +376,10 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         """
         reject_unused_arguments(f"{type(self).__name__}.forward", kwargs)
         inputs_embeds = self._input_embeddings(input_ids, inputs_embeds)
-        call = self._plan_call(
-            inputs_embeds, attention_mask, resolve_cache_argument(cache, past_key_values), use_cache, ttl, memory_gate
-        )
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        cache = resolve_cache_argument(cache, past_key_values)
+        call = CallPlan.for_call(self.config, inputs_embeds, attention_mask, cache, use_cache, ttl, memory_gate)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
 
@@ -435,62 +400,6 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
             hidden_states=all_hidden_states,
             ttl_gradient_norms=(norm_sums / call.update_counts()[:, None]).detach(),
             **{CACHE_FIELD: call.cache},
-        )
-
-    def _plan_call(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: AtlasMAGCache | None,
-        use_cache: bool | None,
-        ttl: bool | None,
-        memory_gate: bool,
-    ) -> CallPlan:
-        """Everything a call decides before its first layer: the cache it continues (checked) or starts, which
-        positions are real tokens, their RoPE angles, when each sequence learns, and whether decoding may write
-        the cached windows in place."""
-        batch_size, length = inputs_embeds.shape[:2]
-        ttl = self.config.ttl_enabled if ttl is None else ttl
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if cache is not None:
-            if not isinstance(cache, AtlasMAGCache):
-                raise TypeError(f"Atlas-MAG needs an AtlasMAGCache as its cache, got {type(cache).__name__}")
-            cache.check_layout(self.config)
-            if cache.batch_size not in (-1, batch_size):
-                raise ValueError(f"The cache holds {cache.batch_size} sequences but the input has {batch_size}.")
-        if use_cache and cache is None:
-            cache = AtlasMAGCache(self.config)
-        cache = cache if use_cache else None
-
-        token_mask = self._token_mask(attention_mask, batch_size, length, inputs_embeds.device, cache)
-        tokens_seen = cache.tokens_seen if cache is not None else None
-        if tokens_seen is None:
-            tokens_seen = torch.zeros(batch_size, dtype=torch.long, device=inputs_embeds.device)
-        positions = (tokens_seen[:, None] + token_mask.long().cumsum(1) - 1).clamp(min=0)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        learns = ttl and memory_gate and self.config.use_memory
-        unpadded = attention_mask is None and (cache is None or cache.unpadded)
-        schedule = []
-        if learns and unpadded:
-            # No int local for the position: a compiled graph would specialise on it and recompile every token.
-            schedule = unpadded_ttl_schedule(
-                cache.positions_seen if cache is not None else 0, length, self.config.ttl_chunk_size
-            )
-        elif learns:
-            schedule = ttl_schedule(token_mask, positions, self.config.ttl_chunk_size)
-        return CallPlan(
-            cache=cache,
-            num_layers=self.config.num_hidden_layers,
-            token_mask=token_mask,
-            cos=cos,
-            sin=sin,
-            schedule=schedule,
-            memory_gate=memory_gate,
-            unpadded=unpadded,
-            # A decoding step writes into the cached windows in place (at commit); under autograd they might be
-            # saved for backward, so a step that records gradients takes the copying path.
-            in_place=cache is not None and length == 1 and not torch.is_grad_enabled(),
         )
 
     def _input_embeddings(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -546,31 +455,6 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
                     f"Atlas-MAG layer {layer}: its output hidden states are not finite (NaN or inf) although its "
                     f"input was; the parameters or the cached state hold NaNs or overflow; {kept}."
                 )
-
-    @staticmethod
-    def _token_mask(
-        attention_mask: torch.Tensor | None,
-        batch_size: int,
-        length: int,
-        device: torch.device,
-        cache: AtlasMAGCache | None,
-    ) -> torch.Tensor:
-        """Boolean [B, T] mask of the new positions. Accepts a mask over the new tokens or, as `generate` passes
-        it, over past and new tokens."""
-        if attention_mask is None:
-            return torch.ones(batch_size, length, dtype=torch.bool, device=device)
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
-            raise ValueError(
-                f"attention_mask must be 2-D [batch, length] with batch {batch_size}, got {tuple(attention_mask.shape)}"
-            )
-        past = cache.positions_seen if cache is not None else 0
-        if attention_mask.shape[1] not in (length, past + length):
-            raise ValueError(
-                f"attention_mask has {attention_mask.shape[1]} columns; expected {length} (new tokens) or "
-                f"{past + length} (past and new tokens)"
-            )
-        return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-
 
 class AtlasMAGForCausalLM(AtlasMAGPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
