@@ -231,124 +231,127 @@ def config_from_reference_state_dict(
     """
     settings = dict(training_config or {})
     reader = _SizeReader(state_dict)
-    problems = reader.problems
-    blocks = _block_indices(state_dict)
-    if not blocks:
-        problems.append("no 'blocks.<i>.' tensors: the checkpoint has no layers")
-    if "disable_memory" in settings:
-        use_memory = not bool(settings["disable_memory"])
-    else:
-        use_memory = any(
-            (match := BLOCK_KEY.match(key))
-            and match.group(2).startswith(("memory.", "gamma_gate.", "qk_memory."))
-            for key in state_dict
-            if not MOMENTUM_KEY.match(key)
-        )
-
-    hidden = reader.size("hidden size", ("tok_emb.weight", 1), ("norm_f.weight", 0), ("w_init", 0))
-    fields: dict[str, Any] = {
-        "vocab_size": reader.size("vocabulary size", ("tok_emb.weight", 0), ("lm_head.weight", 0)),
-        "hidden_size": hidden,
-        "num_hidden_layers": blocks[-1] + 1 if blocks else 1,
-        "intermediate_size": reader.size(
-            "FFN width", ("ffn.w1.weight", 0), ("ffn.w2.weight", 0), ("ffn.w3.weight", 1)
-        ),
-        "use_memory": use_memory,
-    }
-    head_dim = reader.size("head dim", ("qkv.q_norm.weight", 0), ("qkv.k_norm.weight", 0))
-    if hidden % head_dim:
-        problems.append(f"hidden size {hidden} is not a multiple of the q_norm size (head dim) {head_dim}")
-    fields["num_attention_heads"] = max(1, hidden // head_dim)
-    embedding, lm_head = reader.first("tok_emb.weight"), reader.first("lm_head.weight")
-    fields["tie_word_embeddings"] = (
-        embedding is None
-        or lm_head is None
-        or embedding.shape != lm_head.shape
-        or torch.equal(embedding, lm_head)
-    )
-
+    use_memory = _uses_memory(state_dict, settings)
+    fields = _backbone_fields(reader, use_memory)
     if use_memory:
-        key_dim = reader.size(
-            "memory key dim",
-            ("memory.proj_down.weight", 0),
-            ("memory.proj_up.weight", 1),
-            ("memory.w1.weight", 0),
-        )
-        feature_size = reader.size(
-            "memory feature size",
-            ("memory.poly_norm.weight", 0),
-            ("memory.poly_norm.bias", 0),
-            ("memory.poly_compress.weight", 1),
-        )
-        degrees = [
-            d for d in range(1, MAX_POLY_DEGREE + 1) if polynomial_feature_size(key_dim, d) == feature_size
-        ]
-        if not degrees:
-            problems.append(
-                f"memory feature size {feature_size} is not that of a polynomial feature map of degree "
-                f"1..{MAX_POLY_DEGREE} on key dim {key_dim} (degree 2 on 64 is 64 + 2080 = 2144)"
-            )
-        fields.update(
-            memory_key_dim=key_dim,
-            poly_degree=degrees[0] if degrees else 1,
-            poly_rank=reader.size(
-                "polynomial rank", ("memory.poly_compress.weight", 0), ("memory.w2.weight", 1)
-            ),
-            gamma_gate_hidden_size=reader.size(
-                "gamma gate width", ("gamma_gate.gate.0.weight", 0), ("gamma_gate.gate.2.weight", 1)
-            ),
-            omega_window=reader.size("omega window", (DECAY_WEIGHTS, 0)),
-        )
-        memory_hidden = reader.size("memory MLP width", ("memory.w2.weight", 0), ("memory.w1.weight", 1))
-        if memory_hidden % key_dim == 0:
-            fields["memory_expansion"] = memory_hidden // key_dim
-        else:
-            fields["memory_hidden_size"] = memory_hidden
-        # The fixed buffers of block 0 define the config; convert_state_dict checks every block against it.
-        matrix, norm, decay = (
-            reader.first(name) for name in (PERSISTENT_MATRIX, PERSISTENT_NORM, DECAY_WEIGHTS)
-        )
-        if matrix is not None:
-            scale = _persistent_scale(matrix)
-            if scale is None:
-                problems.append(
-                    f"{PERSISTENT_MATRIX} (shape {list(matrix.shape)}) is not a scaled identity s * I "
-                    "(the reference's is 0.1 * I); this model cannot represent another persistent matrix"
-                )
-            else:
-                fields["qk_persistent_scale"] = _float32_setting(scale)
-        if norm is not None and norm.numel() == 1:
-            if norm.item() <= 0:
-                problems.append(
-                    f"{PERSISTENT_NORM} is {norm.item()}, but must be > 0 (the reference's is 0.01 * hidden)"
-                )
-            else:
-                fields["qk_normalizer_scale"] = _float32_setting(norm.item() / hidden)
-        if decay is not None and decay.numel() > 1:
-            ratio = _geometric_ratio(decay)
-            if ratio is None or not 0 <= ratio < 1:
-                problems.append(
-                    f"{DECAY_WEIGHTS} is not decay ** arange({decay.numel()}) with 0 <= decay < 1"
-                )
-            else:
-                fields["omega_decay"] = _float32_setting(ratio)
-
+        fields.update(_memory_size_fields(reader))
+        fields.update(_memory_constant_fields(reader, fields["hidden_size"]))
     for key, (field, cast) in TRAINING_SETTINGS.items():
         if settings.get(key) is not None:
             fields[field] = cast(settings[key])
     size_settings = {**SIZE_SETTINGS, **(MEMORY_SIZE_SETTINGS if use_memory else {})}
     for key, field in size_settings.items():
         if settings.get(key) is not None and settings[key] != fields[field]:
-            problems.append(
+            reader.problems.append(
                 f"the training settings say {key}={settings[key]!r} but the tensors give "
                 f"{field}={fields[field]}"
             )
-    if problems:
-        raise _problem_list("The checkpoint's tensors do not describe an Atlas-MAG model:", problems)
+    if reader.problems:
+        raise _problem_list("The checkpoint's tensors do not describe an Atlas-MAG model:", reader.problems)
     try:
         return AtlasMAGConfig(**fields)
     except ValueError as error:
         raise CheckpointError(f"The checkpoint describes an invalid Atlas-MAG config: {error}") from error
+
+
+def _uses_memory(state_dict: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> bool:
+    """`not disable_memory` from the training settings, else whether any block holds memory tensors."""
+    if "disable_memory" in settings:
+        return not bool(settings["disable_memory"])
+    return any(
+        (match := BLOCK_KEY.match(key)) and match.group(2).startswith(("memory.", "gamma_gate.", "qk_memory."))
+        for key in state_dict
+        if not MOMENTUM_KEY.match(key)
+    )
+
+
+def _backbone_fields(reader: _SizeReader, use_memory: bool) -> dict[str, Any]:
+    """Config fields of the embeddings, attention and FFN, read from the tensors' shapes."""
+    blocks = _block_indices(reader.state_dict)
+    if not blocks:
+        reader.problems.append("no 'blocks.<i>.' tensors: the checkpoint has no layers")
+    hidden = reader.size("hidden size", ("tok_emb.weight", 1), ("norm_f.weight", 0), ("w_init", 0))
+    vocab_size = reader.size("vocabulary size", ("tok_emb.weight", 0), ("lm_head.weight", 0))
+    intermediate_size = reader.size("FFN width", ("ffn.w1.weight", 0), ("ffn.w2.weight", 0), ("ffn.w3.weight", 1))
+    head_dim = reader.size("head dim", ("qkv.q_norm.weight", 0), ("qkv.k_norm.weight", 0))
+    if hidden % head_dim:
+        reader.problems.append(f"hidden size {hidden} is not a multiple of the q_norm size (head dim) {head_dim}")
+    embedding, lm_head = reader.first("tok_emb.weight"), reader.first("lm_head.weight")
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "num_hidden_layers": blocks[-1] + 1 if blocks else 1,
+        "num_attention_heads": max(1, hidden // head_dim),
+        "intermediate_size": intermediate_size,
+        "use_memory": use_memory,
+        "tie_word_embeddings": (
+            embedding is None or lm_head is None or embedding.shape != lm_head.shape or torch.equal(embedding, lm_head)
+        ),
+    }
+
+
+def _memory_size_fields(reader: _SizeReader) -> dict[str, Any]:
+    """Config fields of the memory's and the gamma gate's sizes, and the polynomial degree they imply."""
+    key_dim = reader.size(
+        "memory key dim", ("memory.proj_down.weight", 0), ("memory.proj_up.weight", 1), ("memory.w1.weight", 0)
+    )
+    feature_size = reader.size(
+        "memory feature size",
+        ("memory.poly_norm.weight", 0),
+        ("memory.poly_norm.bias", 0),
+        ("memory.poly_compress.weight", 1),
+    )
+    degrees = [d for d in range(1, MAX_POLY_DEGREE + 1) if polynomial_feature_size(key_dim, d) == feature_size]
+    if not degrees:
+        reader.problems.append(
+            f"memory feature size {feature_size} is not that of a polynomial feature map of degree "
+            f"1..{MAX_POLY_DEGREE} on key dim {key_dim} (degree 2 on 64 is 64 + 2080 = 2144)"
+        )
+    fields: dict[str, Any] = {
+        "memory_key_dim": key_dim,
+        "poly_degree": degrees[0] if degrees else 1,
+        "poly_rank": reader.size("polynomial rank", ("memory.poly_compress.weight", 0), ("memory.w2.weight", 1)),
+        "gamma_gate_hidden_size": reader.size(
+            "gamma gate width", ("gamma_gate.gate.0.weight", 0), ("gamma_gate.gate.2.weight", 1)
+        ),
+        "omega_window": reader.size("omega window", (DECAY_WEIGHTS, 0)),
+    }
+    memory_hidden = reader.size("memory MLP width", ("memory.w2.weight", 0), ("memory.w1.weight", 1))
+    if memory_hidden % key_dim == 0:
+        fields["memory_expansion"] = memory_hidden // key_dim
+    else:
+        fields["memory_hidden_size"] = memory_hidden
+    return fields
+
+
+def _memory_constant_fields(reader: _SizeReader, hidden: int) -> dict[str, Any]:
+    """The Q-K projection's scales and the Omega decay, from block 0's fixed buffers (`convert_state_dict`
+    checks every block against them)."""
+    matrix, norm, decay = (reader.first(name) for name in (PERSISTENT_MATRIX, PERSISTENT_NORM, DECAY_WEIGHTS))
+    fields: dict[str, Any] = {}
+    if matrix is not None:
+        scale = _persistent_scale(matrix)
+        if scale is None:
+            reader.problems.append(
+                f"{PERSISTENT_MATRIX} (shape {list(matrix.shape)}) is not a scaled identity s * I "
+                "(the reference's is 0.1 * I); this model cannot represent another persistent matrix"
+            )
+        else:
+            fields["qk_persistent_scale"] = _float32_setting(scale)
+    if norm is not None and norm.numel() == 1:
+        if norm.item() <= 0:
+            reader.problems.append(
+                f"{PERSISTENT_NORM} is {norm.item()}, but must be > 0 (the reference's is 0.01 * hidden)"
+            )
+        else:
+            fields["qk_normalizer_scale"] = _float32_setting(norm.item() / hidden)
+    if decay is not None and decay.numel() > 1:
+        ratio = _geometric_ratio(decay)
+        if ratio is None or not 0 <= ratio < 1:
+            reader.problems.append(f"{DECAY_WEIGHTS} is not decay ** arange({decay.numel()}) with 0 <= decay < 1")
+        else:
+            fields["omega_decay"] = _float32_setting(ratio)
+    return fields
 
 
 def reference_key_map(config: AtlasMAGConfig) -> dict[str, str]:
