@@ -44,11 +44,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .cli import synchronize
-from .compat import CACHE_FIELD
-from .configuration_atlas import AtlasMAGConfig
-from .modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
-from .reporting import new_figure, save_figure, write_text
+from ..cli import synchronize
+from ..compat import CACHE_FIELD
+from ..configuration_atlas import AtlasMAGConfig
+from ..modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
+from ..reporting import new_figure, save_figure, write_text
 
 ATLAS_TTL_ON = "atlas_ttl_on"
 ATLAS_TTL_OFF = "atlas_ttl_off"
