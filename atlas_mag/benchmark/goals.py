@@ -1,0 +1,112 @@
+"""The project's performance targets, checked against the numbers of a run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .grid import BenchmarkGrid
+from .results import lookup, ratio_of
+from .variants import ATLAS_TTL_OFF, ATLAS_TTL_ON, ATLAS_VARIANTS, LLAMA, VARIANT_LABELS
+
+# Largest growth exponent of peak memory in length that still counts as linear: fixed costs push a linear
+# model below 1 and measurement noise a little above it; a T x T tensor drives it towards 2.
+LINEAR_MEMORY_EXPONENT = 1.25
+
+
+def _goal(goal: str, value: float | None, target: str, met: bool | None) -> dict[str, Any]:
+    status = "not measured" if value is None or met is None else ("met" if met else "missed")
+    return {"goal": goal, "value": value, "target": target, "status": status}
+
+
+def _growth_exponent(results: dict[str, Any], section: str, variant: str, lengths: Sequence[int]) -> float | None:
+    """Exponent p of memory ~ length^p between the shortest and the longest length (1: linear, 2: T x T)."""
+    if len(lengths) < 2:
+        return None
+    short, long = min(lengths), max(lengths)
+    low = lookup(results, section, variant, short, "peak_memory_bytes")
+    high = lookup(results, section, variant, long, "peak_memory_bytes")
+    if not low or not high or low <= 0 or high <= 0:
+        return None
+    return math.log(high / low) / math.log(long / short)
+
+
+def evaluate_goals(results: dict[str, Any], grid: BenchmarkGrid) -> list[dict[str, Any]]:
+    """The project's performance targets, checked at the grid's goal lengths."""
+    goals = []
+    near, far, from_length = grid.goal_decode_near, grid.goal_decode_far, grid.goal_decode_vs_llama_from
+    for variant in ATLAS_VARIANTS:
+        label = VARIANT_LABELS[variant]
+        ratio = ratio_of(
+            lookup(results, "decode", variant, far, "ms_per_token"),
+            lookup(results, "decode", variant, near, "ms_per_token"),
+        )
+        met = None if ratio is None else ratio <= 1.2
+        goals.append(_goal(f"{label}: decode ms/token at {far} over at {near} context", ratio, "<= 1.2", met))
+    for variant in ATLAS_VARIANTS:
+        label = VARIANT_LABELS[variant]
+        contexts = [c for c in grid.decode_contexts if c >= from_length]
+        ratios = [
+            ratio_of(
+                lookup(results, "decode", variant, c, "ms_per_token"),
+                lookup(results, "decode", LLAMA, c, "ms_per_token"),
+            )
+            for c in contexts
+        ]
+        worst = None if not ratios or None in ratios else max(ratios)
+        goals.append(
+            _goal(
+                f"{label}: decode ms/token over Llama's at every context >= {from_length} (worst)",
+                worst,
+                "< 1.0",
+                None if worst is None else worst < 1.0,
+            )
+        )
+    for variant in ATLAS_VARIANTS:
+        label = VARIANT_LABELS[variant]
+        sizes = [lookup(results, "decode", variant, c, "cache_bytes") for c in grid.decode_contexts]
+        spread = None if not sizes or None in sizes else max(sizes) / min(sizes)
+        goals.append(
+            _goal(
+                f"{label}: cache bytes, largest over smallest across contexts {min(grid.decode_contexts)}-"
+                f"{max(grid.decode_contexts)}",
+                spread,
+                "== 1.0",
+                None if spread is None else spread <= 1.0 + 1e-9,
+            )
+        )
+    # (variant, length, threshold, strictly faster): TTL on >= 0.5x at the short length and faster at the long
+    # one; TTL off >= 0.9x at the short length.
+    speed_targets = (
+        (ATLAS_TTL_ON, grid.goal_short, 0.5, False),
+        (ATLAS_TTL_ON, grid.goal_long, 1.0, True),
+        (ATLAS_TTL_OFF, grid.goal_short, 0.9, False),
+    )
+    for section, what in (("train", "training"), ("prefill", "prefill")):
+        for variant, length, threshold, strict in speed_targets:
+            ratio = ratio_of(
+                lookup(results, section, variant, length, "tokens_per_s"),
+                lookup(results, section, LLAMA, length, "tokens_per_s"),
+            )
+            met = None if ratio is None else (ratio > threshold if strict else ratio >= threshold)
+            target = f"{'>' if strict else '>='} {threshold}"
+            goals.append(
+                _goal(f"{VARIANT_LABELS[variant]}: {what} tokens/s over Llama's at {length}", ratio, target, met)
+            )
+    for section, lengths, what in (
+        ("train", grid.train_lengths, "training"),
+        ("prefill", grid.prefill_lengths, "prefill"),
+    ):
+        for variant in ATLAS_VARIANTS:
+            exponent = _growth_exponent(results, section, variant, lengths)
+            goals.append(
+                _goal(
+                    f"{VARIANT_LABELS[variant]}: peak {what} memory growth exponent p (memory ~ length^p), "
+                    f"{min(lengths)}-{max(lengths)}",
+                    exponent,
+                    f"<= {LINEAR_MEMORY_EXPONENT} (linear; T x T tends to 2)",
+                    None if exponent is None else exponent <= LINEAR_MEMORY_EXPONENT,
+                )
+            )
+    return goals
