@@ -118,39 +118,57 @@ def render_markdown(results: dict[str, Any]) -> str:
         *_section_table(results, "decode", "context", "cache_bytes", 0, 1 / 1024),
         "",
         f"Peak memory: {meta['memory_method']}.",
+        *_failure_lines(results),
+        *_compile_lines(results),
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | target | status |",
+        "|---|---:|---|---|",
+        *[
+            f"| {goal['goal']} | {_format_number(goal['value'], 3)} | {goal['target']} | {goal['status']} |"
+            for goal in results["goals"]
+        ],
     ]
+    return "\n".join(lines) + "\n"
+
+
+def _failure_lines(results: dict[str, Any]) -> list[str]:
+    """The measurements that failed, with their errors (none: no lines)."""
     errors = [
         f"- {section} {row['variant']} {row.get('length', row.get('context'))}: {row['error']}"
         for section in ("train", "prefill", "decode")
         for row in results[section]
         if "error" in row
     ]
-    if errors:
-        lines += ["", "Failed measurements:", "", *errors]
+    return ["", "Failed measurements:", "", *errors] if errors else []
+
+
+def _compile_lines(results: dict[str, Any]) -> list[str]:
+    """What Dynamo compiled, the compiled row's first prefill calls and the graph breaks (no compiled row: no
+    lines)."""
     compile_info = results.get("compile")
-    if compile_info is not None:
-        first_calls = [
-            f"{row['length']} tokens: {row['first_call_seconds']:.1f} s"
-            for row in results["prefill"]
-            if row["variant"] == ATLAS_COMPILED and row.get("first_call_seconds") is not None
-        ]
-        lines += [
-            "",
-            f"## torch.compile (backend {compile_info['backend']}, scope: {results['meta']['compile_scope']}, "
-            f"mode: {results['meta']['compile_mode'] or 'default'})",
-            "",
-            f"Dynamo compiled {compile_info['unique_graphs']} graphs from {compile_info['frames']} frames "
-            f"({compile_info['frames_compiled']} traced) with {compile_info['graph_breaks']} graph breaks. "
-            f"First prefill call (compilation included): {', '.join(first_calls) or 'none'}. Its decode row "
-            "is timed after untimed steps that compile the decode graphs (two TTL chunks).",
-        ]
-        if compile_info["graph_break_reasons"]:
-            lines += ["", "Graph breaks (count, reason):", ""]
-            lines += [f"- {count} x {reason}" for reason, count in compile_info["graph_break_reasons"].items()]
-    lines += ["", "## Goals", "", "| goal | measured | target | status |", "|---|---:|---|---|"]
-    for goal in results["goals"]:
-        lines.append(f"| {goal['goal']} | {_format_number(goal['value'], 3)} | {goal['target']} | {goal['status']} |")
-    return "\n".join(lines) + "\n"
+    if compile_info is None:
+        return []
+    first_calls = [
+        f"{row['length']} tokens: {row['first_call_seconds']:.1f} s"
+        for row in results["prefill"]
+        if row["variant"] == ATLAS_COMPILED and row.get("first_call_seconds") is not None
+    ]
+    lines = [
+        "",
+        f"## torch.compile (backend {compile_info['backend']}, scope: {results['meta']['compile_scope']}, "
+        f"mode: {results['meta']['compile_mode'] or 'default'})",
+        "",
+        f"Dynamo compiled {compile_info['unique_graphs']} graphs from {compile_info['frames']} frames "
+        f"({compile_info['frames_compiled']} traced) with {compile_info['graph_breaks']} graph breaks. "
+        f"First prefill call (compilation included): {', '.join(first_calls) or 'none'}. Its decode row "
+        "is timed after untimed steps that compile the decode graphs (two TTL chunks).",
+    ]
+    if compile_info["graph_break_reasons"]:
+        lines += ["", "Graph breaks (count, reason):", ""]
+        lines += [f"- {count} x {reason}" for reason, count in compile_info["graph_break_reasons"].items()]
+    return lines
 
 
 def plot_results(results: dict[str, Any], path: str | Path) -> None:

@@ -20,6 +20,11 @@ from .measure import measure_decode_run, measure_prefill, measure_training, summ
 from .peak_memory import memory_method
 from .variants import ATLAS_COMPILED, ATLAS_TTL_ON, DECODE_ONLY_VARIANTS, LLAMA, Variant, build_variants
 
+# (variant, length) of a section: a row of its table.
+Cell = tuple[str, int]
+# (section, variant, length, measurement): one measurement of the run.
+Task = tuple[str, str, int, Callable[..., dict[str, Any]]]
+
 
 def run_benchmark(
     atlas_config: AtlasMAGConfig,
@@ -46,45 +51,86 @@ def run_benchmark(
     variants = build_variants(
         atlas_config, grid.max_length, device, dtype, compile_backend, seed, compile_scope, compile_mode
     )
-    atlas, llama = variants[ATLAS_TTL_ON].model, variants[LLAMA].model
+    meta = _meta(atlas_config, grid, variants, device, dtype, compile_backend, compile_scope, compile_mode)
+    decode_cells = _cells(variants, grid.decode_contexts, grid.compile_lengths)
+    tasks = _tasks(variants, grid, decode_cells)
+    rows, decode_runs, decode_errors = _run_tasks(tasks, variants, grid, device, seed, progress)
     results: dict[str, Any] = {
-        "meta": {
-            "device": _device_name(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "cpu_threads": torch.get_num_threads(),
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "memory_method": memory_method(device),
-            "compile_backend": backend_name(compile_backend),
-            "compile_scope": compile_scope,
-            "compile_mode": compile_mode,
-            "grid": asdict(grid),
-            "atlas_config": atlas_config.to_diff_dict(),
-            "atlas_parameters": sum(p.numel() for p in atlas.parameters()),
-            "llama_parameters": sum(p.numel() for p in llama.parameters()),
-            "decode_ms_per_token": "median over repeats of the mean over the timed steps (memory updates amortised)",
-            "training_step": "forward + backward of the next-token loss, no optimiser step",
-        },
-        "train": [],
-        "prefill": [],
-        "decode": [],
+        "meta": meta,
+        **rows,
+        "decode": [_decode_row(cell, decode_runs, decode_errors) for cell in decode_cells],
     }
-    tasks: list[tuple[str, str, int, Callable[..., dict[str, Any]]]] = []
+    if compile_backend is not None:
+        results["compile"] = compile_summary(compile_backend)
+    results["goals"] = evaluate_goals(results, grid)
+    return results
+
+
+def _meta(
+    atlas_config: AtlasMAGConfig,
+    grid: BenchmarkGrid,
+    variants: dict[str, Variant],
+    device: torch.device,
+    dtype: torch.dtype,
+    compile_backend: str | Callable[..., Any] | None,
+    compile_scope: str,
+    compile_mode: str | None,
+) -> dict[str, Any]:
+    """What was measured, on what and how: the machine, the releases, the grid and the model sizes."""
+    atlas, llama = variants[ATLAS_TTL_ON].model, variants[LLAMA].model
+    return {
+        "device": _device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "memory_method": memory_method(device),
+        "compile_backend": backend_name(compile_backend),
+        "compile_scope": compile_scope,
+        "compile_mode": compile_mode,
+        "grid": asdict(grid),
+        "atlas_config": atlas_config.to_diff_dict(),
+        "atlas_parameters": sum(p.numel() for p in atlas.parameters()),
+        "llama_parameters": sum(p.numel() for p in llama.parameters()),
+        "decode_ms_per_token": "median over repeats of the mean over the timed steps (memory updates amortised)",
+        "training_step": "forward + backward of the next-token loss, no optimiser step",
+    }
+
+
+def _tasks(variants: dict[str, Variant], grid: BenchmarkGrid, decode_cells: list[Cell]) -> list[Task]:
+    """Every measurement in running order: training (not the compiled or decode-only variants), prefill (not the
+    decode-only variants), then the decode runs."""
     prefill_variants = {name: v for name, v in variants.items() if name not in DECODE_ONLY_VARIANTS}
     training_variants = [name for name in prefill_variants if name != ATLAS_COMPILED]
-    tasks += [("train", name, length, measure_training) for length in grid.train_lengths for name in training_variants]
+    tasks: list[Task] = [
+        ("train", name, length, measure_training) for length in grid.train_lengths for name in training_variants
+    ]
     prefill_cells = _cells(prefill_variants, grid.prefill_lengths, grid.compile_lengths)
     tasks += [("prefill", name, length, measure_prefill) for name, length in prefill_cells]
     # Decode runs go round-robin over the cells, `repeats` times, so that a slow spell of a shared machine falls
     # on every context alike instead of on the last ones (the flatness goal compares contexts).
-    decode_cells = _cells(variants, grid.decode_contexts, grid.compile_lengths)
     tasks += [
         ("decode", name, length, measure_decode_run) for _ in range(grid.repeats) for name, length in decode_cells
     ]
-    decode_runs: dict[tuple[str, int], list[dict[str, Any]]] = {cell: [] for cell in decode_cells}
-    decode_errors: dict[tuple[str, int], str] = {}
+    return tasks
+
+
+def _run_tasks(
+    tasks: list[Task],
+    variants: dict[str, Variant],
+    grid: BenchmarkGrid,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[Cell, list[dict[str, Any]]], dict[Cell, str]]:
+    """Run the tasks in order. Returns the `train` and `prefill` rows, the decode runs of each cell and the
+    decode cells that failed, with their error (a cell's first failure ends its runs). Once the compiled variant
+    has failed, its remaining tasks are recorded as skipped."""
+    rows: dict[str, list[dict[str, Any]]] = {"train": [], "prefill": []}
+    decode_runs: dict[Cell, list[dict[str, Any]]] = {}
+    decode_errors: dict[Cell, str] = {}
     compile_failed: str | None = None
     bar = tqdm(tasks, desc="benchmark", disable=not progress)
     for section, name, length, measure in bar:
@@ -96,32 +142,45 @@ def run_benchmark(
         elif section == "decode" and (name, length) in decode_errors:
             continue
         else:
-            try:
-                row.update(measure(variants[name], length, grid, device, seed))
-            except Exception as error:  # noqa: BLE001 - a failed cell is recorded, the other cells still run
-                row["error"] = _error_text(error)
+            row.update(_measure_or_error(measure, variants[name], length, grid, device, seed))
+            if "error" in row:
                 if name == ATLAS_COMPILED:
                     compile_failed = row["error"]
                 bar.write(f"{section} {name} {length}: {row['error']}")
-            finally:
-                _release_device_memory(device)
         if section != "decode":
-            results[section].append(row)
+            rows[section].append(row)
         elif "error" in row:
             decode_errors[(name, length)] = row["error"]
         else:
-            decode_runs[(name, length)].append(row)
-    for name, length in decode_cells:
-        row = {"variant": name, "context": length}
-        if (name, length) in decode_errors:
-            row["error"] = decode_errors[(name, length)]
-        else:
-            row.update(summarize_decode_runs(decode_runs[(name, length)]))
-        results["decode"].append(row)
-    if compile_backend is not None:
-        results["compile"] = compile_summary(compile_backend)
-    results["goals"] = evaluate_goals(results, grid)
-    return results
+            decode_runs.setdefault((name, length), []).append(row)
+    return rows, decode_runs, decode_errors
+
+
+def _measure_or_error(
+    measure: Callable[..., dict[str, Any]],
+    variant: Variant,
+    length: int,
+    grid: BenchmarkGrid,
+    device: torch.device,
+    seed: int,
+) -> dict[str, Any]:
+    """The measurement, or `{"error": text}` where it raised; device memory is released either way."""
+    try:
+        return measure(variant, length, grid, device, seed)
+    except Exception as error:  # noqa: BLE001 - a failed cell is recorded, the other cells still run
+        return {"error": _error_text(error)}
+    finally:
+        _release_device_memory(device)
+
+
+def _decode_row(
+    cell: Cell, decode_runs: dict[Cell, list[dict[str, Any]]], decode_errors: dict[Cell, str]
+) -> dict[str, Any]:
+    """A decode cell's row: its error, or the summary of its runs."""
+    name, length = cell
+    if cell in decode_errors:
+        return {"variant": name, "context": length, "error": decode_errors[cell]}
+    return {"variant": name, "context": length, **summarize_decode_runs(decode_runs[cell])}
 
 
 def _compiled_lengths(lengths: Sequence[int], compile_lengths: Sequence[int] | None) -> list[int]:
@@ -131,9 +190,7 @@ def _compiled_lengths(lengths: Sequence[int], compile_lengths: Sequence[int] | N
     return [length for length in lengths if length in compile_lengths] or [min(lengths)]
 
 
-def _cells(
-    variants: dict[str, Variant], lengths: Sequence[int], compile_lengths: Sequence[int] | None
-) -> list[tuple[str, int]]:
+def _cells(variants: dict[str, Variant], lengths: Sequence[int], compile_lengths: Sequence[int] | None) -> list[Cell]:
     """(variant, length) cells of a section, by length; the compiled variant only at its lengths."""
     if not lengths:
         return []
