@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration_atlas import AtlasMAGConfig
 from .ops_atlas import (
@@ -218,9 +218,9 @@ class AtlasMAGLayerState:
         return replace(self, pending_writes=())
 
 
-class AtlasMAGLayerCache:
-    """One layer's slot in `AtlasMAGCache`. It has no keys/values API: a layer reads its whole
-    `AtlasMAGLayerState` and stores the new one."""
+class AtlasMAGLayerCache(CacheLayerMixin):
+    """One layer's slot in `AtlasMAGCache`: the layer's whole `AtlasMAGLayerState`, which the layer reads and
+    replaces. It has no keys/values API (`update` raises): the attention window is one part of the state."""
 
     is_compileable = False
     is_croppable = False
@@ -228,11 +228,37 @@ class AtlasMAGLayerCache:
     supports_early_init = False
 
     def __init__(self) -> None:
+        super().__init__()
         self.state: AtlasMAGLayerState | None = None
+        self.device: torch.device | None = None  # where the state lives when not offloaded
 
     @property
-    def is_initialized(self) -> bool:
-        return self.state is not None
+    def state(self) -> AtlasMAGLayerState | None:
+        return self._state
+
+    @state.setter
+    def state(self, state: AtlasMAGLayerState | None) -> None:
+        self._state = state
+        self.is_initialized = state is not None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise NotImplementedError("An Atlas-MAG layer cache holds an AtlasMAGLayerState, not keys and values.")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("An Atlas-MAG layer cache holds an AtlasMAGLayerState, not keys and values.")
+
+    def get_seq_length(self) -> int:
+        """Positions in the attention window (the cache counts every position seen: `AtlasMAGCache`)."""
+        return 0 if self.state is None or self.state.attention is None else self.state.attention.length
+
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # Transformers 5.1 passes the new positions' cache_position, later releases their number.
+        return (query if isinstance(query, int) else query.shape[0]), 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # its name in the first Transformers 5 releases
 
     def _apply(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.state is not None:
@@ -255,13 +281,15 @@ class AtlasMAGLayerCache:
             raise ValueError("AtlasMAGCache cannot be cropped: the memory has already learned from those tokens.")
 
     def offload(self) -> None:
-        return None
+        """Move the state to the CPU between calls (Transformers' cache offloading)."""
+        if self.state is not None:
+            self.device = next(self.state.tensors()).device
+            self._apply(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
-        return None
-
-    def get_max_length(self) -> int:
-        return -1
+        """Move an offloaded state back to its device ahead of the layer's turn."""
+        if self.state is not None and self.device is not None:
+            self._apply(lambda t: t.to(self.device, non_blocking=True))
 
 
 # Config fields that fix the shapes and the meaning of a cached state: a model refuses a cache built for others.
@@ -320,8 +348,8 @@ class AtlasMAGCache(Cache):
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        return query_length, 0
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)
 
     @property
     def is_initialized(self) -> bool:

@@ -639,3 +639,24 @@ def test_torch_export_of_a_cache_free_forward_gives_eager_logits():
     other = torch.randint(4, 97, (1, 12))
     expected = model(other, use_cache=False).logits
     torch.testing.assert_close(exported.module()(other, use_cache=False).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_cache_layers_are_transformers_cache_layers():
+    """Each layer slot is a real `CacheLayerMixin` (what Transformers' cache utilities expect), refuses the
+    keys/values API it has no use for, and offloads its whole state and brings it back unchanged."""
+    from transformers.cache_utils import CacheLayerMixin
+
+    model = make_model()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 97, (2, 20))).cache
+    layer = cache.layers[0]
+    assert isinstance(layer, CacheLayerMixin) and layer.is_initialized
+    with pytest.raises(NotImplementedError, match="AtlasMAGLayerState"):
+        layer.update(torch.zeros(1), torch.zeros(1))
+    before = [tensor.clone() for tensor in cache.state_tensors()]
+    for cached in cache.layers:
+        cached.offload()
+        cached.prefetch()
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.state_tensors(), strict=True))
+    cache.reset()
+    assert not layer.is_initialized and layer.state is None
