@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 
 from atlas_mag.cli import parse_assignment
-from atlas_mag.data import DataSource
-from atlas_mag.finetune import finetune
+from atlas_mag.training import DataSource, finetune
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from itertools import islice
 
-from atlas_mag.data import DataSource, load_source, stdlib_documents, write_jsonl
 from atlas_mag.tokenization import train_bpe_tokenizer
+from atlas_mag.training.data import DataSource, load_source, stdlib_documents, write_jsonl
 
 
 def main() -> None:

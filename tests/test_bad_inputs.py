@@ -15,10 +15,10 @@ from conftest import tiny_config
 
 from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM
 from atlas_mag.cli import coerce_model_fields, local_or_hub
-from atlas_mag.finetune import training_arguments_from
 from atlas_mag.hub import save_model_folder
 from atlas_mag.reporting import write_json
 from atlas_mag.tokenization import load_tokenizer
+from atlas_mag.training.finetune import training_arguments_from
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,11 @@ from transformers import AutoModelForCausalLM
 
 from atlas_mag import AtlasMAGConfig, AtlasMAGForCausalLM
 from atlas_mag.compat import is_activation_checkpointing
-from atlas_mag.data import (
+from atlas_mag.evaluation import document_token_nll, evaluate_perplexity
+from atlas_mag.hub import save_model_folder
+from atlas_mag.tokenization import SPECIAL_TOKENS, load_tokenizer, train_bpe_tokenizer
+from atlas_mag.training import finetune
+from atlas_mag.training.data import (
     DataSource,
     PackedWindows,
     encode_document,
@@ -30,11 +34,7 @@ from atlas_mag.data import (
     stdlib_documents,
     write_jsonl,
 )
-from atlas_mag.evaluation import document_token_nll, evaluate_perplexity
-from atlas_mag.finetune import finetune
-from atlas_mag.hub import save_model_folder
-from atlas_mag.tokenization import SPECIAL_TOKENS, load_tokenizer, train_bpe_tokenizer
-from atlas_mag.training import (
+from atlas_mag.training.loop import (
     ConfigError,
     apply_override,
     build_datasets,

@@ -41,13 +41,13 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from .cli import coerce_model_fields, coerce_scalar, local_or_hub, parse_assignment
-from .compat import enable_activation_checkpointing
-from .configuration_atlas import AtlasMAGConfig
+from ..cli import coerce_model_fields, coerce_scalar, local_or_hub, parse_assignment
+from ..compat import enable_activation_checkpointing
+from ..configuration_atlas import AtlasMAGConfig
+from ..hub import render_model_card, save_model_folder
+from ..modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
+from ..tokenization import load_tokenizer
 from .data import DataSource, PackedWindows, batches, load_source, mix_sources, split_holdout
-from .hub import render_model_card, save_model_folder
-from .modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
-from .tokenization import load_tokenizer
 
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)")
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")

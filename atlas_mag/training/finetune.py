@@ -17,12 +17,12 @@ from transformers import (
     TrainingArguments,
 )
 
-from .cli import coerce_scalar, local_or_hub
-from .compat import checkpointing_training_arguments
+from ..cli import coerce_scalar, local_or_hub
+from ..compat import checkpointing_training_arguments
+from ..hub import render_model_card, save_model_folder
+from ..modeling_atlas import AtlasMAGForCausalLM
+from ..tokenization import load_tokenizer
 from .data import DataSource, encode_document, load_source, pack_documents, split_holdout
-from .hub import render_model_card, save_model_folder
-from .modeling_atlas import AtlasMAGForCausalLM
-from .tokenization import load_tokenizer
 
 DEFAULT_TRAINING_ARGUMENTS = {
     "learning_rate": 5e-5,
