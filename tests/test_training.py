@@ -23,7 +23,18 @@ from atlas_mag.compat import is_activation_checkpointing
 from atlas_mag.evaluation import document_token_nll, evaluate_perplexity
 from atlas_mag.hub import save_model_folder
 from atlas_mag.tokenization import SPECIAL_TOKENS, load_tokenizer, train_bpe_tokenizer
-from atlas_mag.training import finetune
+from atlas_mag.training import (
+    ConfigError,
+    config_from_dict,
+    finetune,
+    iterate_metrics,
+    load_config,
+    plot_metrics,
+    train,
+)
+from atlas_mag.training.build import build_datasets, lr_multiplier, make_accelerator
+from atlas_mag.training.checkpoints import list_checkpoints, resolve_checkpoint
+from atlas_mag.training.config import apply_override
 from atlas_mag.training.data import (
     DataSource,
     PackedWindows,
@@ -34,21 +45,7 @@ from atlas_mag.training.data import (
     stdlib_documents,
     write_jsonl,
 )
-from atlas_mag.training.loop import (
-    ConfigError,
-    apply_override,
-    build_datasets,
-    config_from_dict,
-    evaluate,
-    iterate_metrics,
-    list_checkpoints,
-    load_config,
-    lr_multiplier,
-    make_accelerator,
-    plot_metrics,
-    resolve_checkpoint,
-    train,
-)
+from atlas_mag.training.validation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "reference" / "tokenizer_atlas_mag_32k.json"
