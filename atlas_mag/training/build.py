@@ -4,6 +4,8 @@ data, the model, and the optimizer with its learning-rate schedule."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -106,6 +108,13 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, min_ratio: float
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def learning_rate_schedule(loop: LoopConfig) -> Callable[[int], float]:
+    """The learning-rate multiplier of each step under `loop`'s settings, for `LambdaLR`."""
+    return partial(
+        lr_multiplier, warmup_steps=loop.warmup_steps, max_steps=loop.max_steps, min_ratio=loop.min_lr_ratio
+    )
 
 
 def make_optimizer(model: torch.nn.Module, loop: LoopConfig) -> torch.optim.AdamW:

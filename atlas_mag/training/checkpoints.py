@@ -23,6 +23,11 @@ from .config import LoopConfig, TrainConfig
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)")
 
 
+def checkpoint_root(output_dir: Path) -> Path:
+    """The folder of a run's checkpoints."""
+    return output_dir / "checkpoints"
+
+
 def list_checkpoints(checkpoint_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (folders being written are hidden and not listed)."""
     if not checkpoint_root.is_dir():
@@ -58,7 +63,7 @@ def resolve_checkpoint(resume: str | Path, output_dir: Path) -> Path:
     """`resume` is "latest" (the newest intact checkpoint of `output_dir`; corrupt newer ones are skipped with
     a warning) or a checkpoint folder, which must be intact."""
     if str(resume) == "latest":
-        root = output_dir / "checkpoints"
+        root = checkpoint_root(output_dir)
         found = list_checkpoints(root)
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint under {root}")

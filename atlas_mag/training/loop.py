@@ -1,7 +1,7 @@
-"""Pretraining Atlas-MAG with Accelerate: the YAML run configuration, and a training loop that runs
-unchanged on a CPU, one GPU or many (`accelerate launch`, DDP or FSDP), with bf16 mixed precision, gradient
-accumulation, clipping, gradient checkpointing with TTL on, resumable checkpoints that lose nothing, and
-metrics.
+"""Pretraining Atlas-MAG with Accelerate: `train` runs a configuration (see `config`) unchanged on a CPU, one GPU
+or many (`accelerate launch`, DDP or FSDP), with bf16 mixed precision, gradient accumulation, clipping, gradient
+checkpointing with TTL on, resumable checkpoints that lose nothing, and metrics. Its steps are the functions
+below, in the order a run calls them.
 
 Output folder of a run:
     config.yaml                 the resolved configuration
@@ -16,13 +16,17 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from functools import partial
+from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -31,8 +35,9 @@ from ..compat import enable_activation_checkpointing
 from ..hub import render_model_card, save_model_folder
 from ..modeling_atlas import AtlasMAGForCausalLM
 from ..tokenization import load_tokenizer
-from .build import build_datasets, build_model, lr_multiplier, make_accelerator, make_optimizer
+from .build import build_datasets, build_model, learning_rate_schedule, make_accelerator, make_optimizer
 from .checkpoints import (
+    checkpoint_root,
     list_checkpoints,
     parameter_fingerprint,
     read_trainer_state,
@@ -42,7 +47,7 @@ from .checkpoints import (
     schedule_settings,
 )
 from .config import TrainConfig, config_to_dict
-from .data import batches
+from .data import PackedWindows, batches
 from .metrics import MetricsLog, flatten_config
 from .validation import causal_lm_loss, evaluate
 
@@ -51,16 +56,121 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     """Run (or, with `resume`, continue) pretraining. Returns the exported model folder, or the checkpoint
     when the run stops early at `training.stop_at_step`. Every check of data and configuration happens before
     the first step."""
-    loop, logging = config.training, config.logging
-    output_dir = Path(config.output_dir)
-    checkpoint_root = output_dir / "checkpoints"
     accelerator = make_accelerator(config)
-    rank, world_size, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     set_seed(config.seed)
+    checkpoint, trainer_state = find_resume_point(config, resume, accelerator)
+    run = set_up_run(config, accelerator, trainer_state)
+    if checkpoint is not None:
+        restore_checkpoint(run, checkpoint, trainer_state)
+    log = start_logging(run, resumed=checkpoint is not None)
+    if checkpoint is None:
+        log.record(0, run.validate())
+    last_checkpoint = run_steps(run, log, checkpoint)
+    if run.stop_step < config.training.max_steps:
+        accelerator.end_training()
+        accelerator.print(f"stopped at step {run.stop_step}; resume from {last_checkpoint}")
+        return last_checkpoint
+    final_dir = export_final_model(config, accelerator, run.model, run.tokenizer, run.tokens_seen)
+    accelerator.end_training()
+    accelerator.print(f"saved the trained model to {final_dir}")
+    return final_dir
 
+
+@dataclass
+class TrainingRun:
+    """What the steps of a run share: its configuration, the data, the model, optimizer and scheduler as
+    Accelerate prepared them, and the counters a checkpoint saves (`start_step` is the step it resumed at)."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    train_windows: PackedWindows
+    train_batches: Iterator[torch.Tensor]
+    validation_windows: list[list[int]]
+    model: torch.nn.Module
+    optimizer: AcceleratedOptimizer
+    scheduler: AcceleratedScheduler
+    start_step: int
+    tokens_seen: int
+
+    @property
+    def stop_step(self) -> int:
+        return self.config.training.stop_at_step or self.config.training.max_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens of one optimizer step, over all processes."""
+        loop = self.config.training
+        processes = self.accelerator.num_processes
+        return loop.micro_batch_size * self.config.data.seq_len * loop.gradient_accumulation_steps * processes
+
+    def validate(self) -> dict[str, float]:
+        batch_size = self.config.logging.eval_batch_size or self.config.training.micro_batch_size
+        return evaluate(self.model, self.validation_windows, batch_size, self.accelerator)
+
+
+@dataclass
+class RunLog:
+    """Where a run's measurements go: metrics.jsonl (written by the main process) and the trackers."""
+
+    metrics_log: MetricsLog
+    accelerator: Accelerator
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics_log.write({"step": step, **metrics})
+        self.accelerator.log(metrics, step=step)
+
+
+class TrainingInterval:
+    """The training loss and TTL gradient norm summed on the device over the steps since the last training
+    record; they are reduced over the processes and read only when a record is made."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.ttl_gradient_norm = torch.zeros((), device=device)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, ttl_gradient_norms: torch.Tensor | None, micro_batches: int) -> None:
+        """One micro-batch, weighted so that the micro-batches of a step add up to one step."""
+        self.loss += loss.detach() / micro_batches
+        if ttl_gradient_norms is not None:
+            self.ttl_gradient_norm += ttl_gradient_norms.mean() / micro_batches
+
+    def metrics(self, run: TrainingRun, learning_rate: float, grad_norm: torch.Tensor) -> dict[str, float]:
+        """The training record of the interval: means per step, over all processes."""
+        accelerator = run.accelerator
+        mean_loss = accelerator.reduce(self.loss, reduction="mean").item() / self.steps
+        elapsed = time.perf_counter() - self.start
+        return {
+            "loss": mean_loss,
+            "perplexity": math.exp(min(mean_loss, 50.0)),
+            "lr": learning_rate,
+            "grad_norm": float(grad_norm),
+            "tokens_per_second": self.steps * run.tokens_per_step / elapsed,
+            "tokens_seen": run.tokens_seen,
+            "epoch": run.train_windows.epoch,
+            # Mean norm of the memory gradients of the test-time updates made during the training forwards.
+            "ttl_gradient_norm": accelerator.reduce(self.ttl_gradient_norm, reduction="mean").item() / self.steps,
+        }
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.ttl_gradient_norm.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+
+
+def find_resume_point(
+    config: TrainConfig, resume: str | Path | None, accelerator: Accelerator
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint that `resume` names and this process's trainer state in it, or (None, None) for a new
+    run. Refuses a new run in a folder that holds checkpoints, and a checkpoint written with other data or batch
+    settings."""
+    output_dir = Path(config.output_dir)
     checkpoint = resolve_checkpoint(resume, output_dir) if resume is not None else None
-    trainer_state = read_trainer_state(checkpoint, rank, world_size) if checkpoint else None
-    if checkpoint is None and list_checkpoints(checkpoint_root):
+    trainer_state = (
+        read_trainer_state(checkpoint, accelerator.process_index, accelerator.num_processes) if checkpoint else None
+    )
+    if checkpoint is None and list_checkpoints(checkpoint_root(output_dir)):
         raise FileExistsError(
             f"{output_dir} already holds checkpoints: pass --resume to continue that run, or use another output_dir"
         )
@@ -68,9 +178,17 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         raise ValueError(
             f"Checkpoint {checkpoint} was written with other data/batch settings: {trainer_state['signature']}"
         )
+    return checkpoint, trainer_state
 
+
+def set_up_run(config: TrainConfig, accelerator: Accelerator, trainer_state: dict[str, Any] | None) -> TrainingRun:
+    """Load the tokenizer and the data (at the saved position when resuming), then build the model, optimizer and
+    scheduler and hand them to Accelerate."""
+    loop = config.training
     tokenizer = load_tokenizer(config.tokenizer)
-    train_windows, validation_windows = build_datasets(config, tokenizer, rank, world_size)
+    train_windows, validation_windows = build_datasets(
+        config, tokenizer, accelerator.process_index, accelerator.num_processes
+    )
     start_step, tokens_seen = 0, 0
     if trainer_state is not None:
         start_step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
@@ -86,129 +204,132 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     model = accelerator.prepare(model)
     # After `prepare`, so that FSDP hands the optimizer its sharded parameters.
     optimizer = make_optimizer(model, loop)
-    schedule = partial(
-        lr_multiplier, warmup_steps=loop.warmup_steps, max_steps=loop.max_steps, min_ratio=loop.min_lr_ratio
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_schedule(loop))
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        # The schedule is a function of the step: a new max_steps or warm-up reshapes it from here on.
-        scheduler.scheduler.last_epoch = start_step
-        saved_schedule = trainer_state.get("schedule", {})
-        changed = {
-            key: (saved_schedule[key], value)
-            for key, value in schedule_settings(loop).items()
-            if key in saved_schedule and saved_schedule[key] != value
-        }
-        if changed:
-            for group, base_lr in zip(optimizer.param_groups, scheduler.scheduler.base_lrs, strict=True):
-                group["lr"] = base_lr * schedule(start_step)
-        if changed and is_main:
-            warnings.warn(
-                "--resume: learning-rate schedule settings changed since the checkpoint ("
-                + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
-                + f"); the schedule follows the new settings from step {start_step}",
-                stacklevel=2,
-            )
-        accelerator.print(
-            f"resumed from {checkpoint}: step {start_step} of {loop.max_steps}, {tokens_seen:,} tokens seen, "
-            f"learning rate {optimizer.param_groups[0]['lr']:.3g}"
-        )
+    return TrainingRun(
+        config=config,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        train_windows=train_windows,
+        train_batches=train_batches,
+        validation_windows=validation_windows,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        start_step=start_step,
+        tokens_seen=tokens_seen,
+    )
 
-    stop_step = loop.stop_at_step or loop.max_steps
-    if is_main:
+
+def restore_checkpoint(run: TrainingRun, checkpoint: Path, trainer_state: dict[str, Any]) -> None:
+    """Load the model, optimizer, scheduler and random states saved at `checkpoint`. The learning rate follows
+    the current schedule settings from the saved step on, with a warning naming those that changed."""
+    accelerator, loop, start_step = run.accelerator, run.config.training, run.start_step
+    accelerator.load_state(str(checkpoint))
+    # The schedule is a function of the step: a new max_steps or warm-up reshapes it from here on.
+    run.scheduler.scheduler.last_epoch = start_step
+    saved_schedule = trainer_state.get("schedule", {})
+    changed = {
+        key: (saved_schedule[key], value)
+        for key, value in schedule_settings(loop).items()
+        if key in saved_schedule and saved_schedule[key] != value
+    }
+    if changed:
+        multiplier = learning_rate_schedule(loop)(start_step)
+        for group, base_lr in zip(run.optimizer.param_groups, run.scheduler.scheduler.base_lrs, strict=True):
+            group["lr"] = base_lr * multiplier
+    if changed and accelerator.is_main_process:
+        warnings.warn(
+            "--resume: learning-rate schedule settings changed since the checkpoint ("
+            + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            + f"); the schedule follows the new settings from step {start_step}",
+            stacklevel=3,  # the caller of `train`
+        )
+    accelerator.print(
+        f"resumed from {checkpoint}: step {start_step} of {loop.max_steps}, {run.tokens_seen:,} tokens seen, "
+        f"learning rate {run.optimizer.param_groups[0]['lr']:.3g}"
+    )
+
+
+def start_logging(run: TrainingRun, resumed: bool) -> RunLog:
+    """Write config.yaml, open metrics.jsonl (cut back to the resumed step) and start the trackers."""
+    config, accelerator = run.config, run.accelerator
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    metrics_log = MetricsLog(output_dir / "metrics.jsonl", is_main, start_step if checkpoint else None)
-    if logging.trackers:
+    resume_step = run.start_step if resumed else None
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, resume_step)
+    if config.logging.trackers:
         accelerator.init_trackers("atlas_mag", config=flatten_config(config_to_dict(config)))
-    eval_batch_size = logging.eval_batch_size or loop.micro_batch_size
-    tokens_per_step = loop.micro_batch_size * config.data.seq_len * loop.gradient_accumulation_steps * world_size
+    return RunLog(metrics_log, accelerator)
 
-    def record(step: int, metrics: dict[str, float]) -> None:
-        metrics_log.write({"step": step, **metrics})
-        accelerator.log(metrics, step=step)
 
-    def checkpoint_at(step: int) -> Path:
-        state = {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "data": train_windows.state_dict(),
-            "signature": resume_signature(config),
-            "schedule": schedule_settings(loop),
-            "param_sha256": parameter_fingerprint(accelerator.unwrap_model(model)),
-        }
-        return save_checkpoint(accelerator, checkpoint_root, step, state, logging.keep_last)
-
-    if checkpoint is None:
-        record(0, evaluate(model, validation_windows, eval_batch_size, accelerator))
+def run_steps(run: TrainingRun, log: RunLog, last_checkpoint: Path | None) -> Path | None:
+    """The optimizer steps from `start_step + 1` to `stop_step`, with the training records, validations and
+    checkpoints that fall on them. Returns the last checkpoint (`last_checkpoint` if none was written)."""
+    config, accelerator = run.config, run.accelerator
+    logging = config.logging
     progress = tqdm(
-        total=loop.max_steps,
-        initial=start_step,
+        total=config.training.max_steps,
+        initial=run.start_step,
         desc="training",
-        disable=not (is_main and logging.progress_bar),
+        disable=not (accelerator.is_main_process and logging.progress_bar),
     )
-    interval_loss = torch.zeros((), device=accelerator.device)
-    interval_ttl_norm = torch.zeros((), device=accelerator.device)
-    interval_steps, interval_start = 0, time.perf_counter()
-    last_checkpoint = checkpoint
-    for step in range(start_step + 1, stop_step + 1):
-        learning_rate = optimizer.param_groups[0]["lr"]
-        for _ in range(loop.gradient_accumulation_steps):
-            batch = next(train_batches).to(accelerator.device)
-            with accelerator.accumulate(model):
-                outputs = model(input_ids=batch[:, :-1])
-                loss = causal_lm_loss(outputs.logits, batch[:, 1:])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), loop.max_grad_norm or math.inf)
-                optimizer.step()
-                optimizer.zero_grad()
-            interval_loss += loss.detach() / loop.gradient_accumulation_steps
-            if outputs.ttl_gradient_norms is not None:
-                interval_ttl_norm += outputs.ttl_gradient_norms.mean() / loop.gradient_accumulation_steps
-        scheduler.step()
-        tokens_seen += tokens_per_step
-        interval_steps += 1
+    interval = TrainingInterval(accelerator.device)
+    for step in range(run.start_step + 1, run.stop_step + 1):
+        learning_rate = run.optimizer.param_groups[0]["lr"]
+        grad_norm = optimizer_step(run, interval)
         progress.update(1)
-
-        if step % logging.log_every == 0 or step == stop_step:
-            mean_loss = accelerator.reduce(interval_loss, reduction="mean").item() / interval_steps
-            elapsed = time.perf_counter() - interval_start
-            metrics = {
-                "loss": mean_loss,
-                "perplexity": math.exp(min(mean_loss, 50.0)),
-                "lr": learning_rate,
-                "grad_norm": float(grad_norm),
-                "tokens_per_second": interval_steps * tokens_per_step / elapsed,
-                "tokens_seen": tokens_seen,
-                "epoch": train_windows.epoch,
-                # Mean norm of the memory gradients of the test-time updates made during the training forwards.
-                "ttl_gradient_norm": accelerator.reduce(interval_ttl_norm, reduction="mean").item() / interval_steps,
-            }
-            record(step, metrics)
-            progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{learning_rate:.2e}")
-            interval_loss.zero_()
-            interval_ttl_norm.zero_()
-            interval_steps, interval_start = 0, time.perf_counter()
-        if (logging.eval_every and step % logging.eval_every == 0) or step == loop.max_steps:
-            metrics = evaluate(model, validation_windows, eval_batch_size, accelerator)
-            record(step, metrics)
-            if is_main:
+        if step % logging.log_every == 0 or step == run.stop_step:
+            metrics = interval.metrics(run, learning_rate, grad_norm)
+            log.record(step, metrics)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{learning_rate:.2e}")
+            interval.reset()
+        if (logging.eval_every and step % logging.eval_every == 0) or step == config.training.max_steps:
+            metrics = run.validate()
+            log.record(step, metrics)
+            if accelerator.is_main_process:
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if step % logging.save_every == 0 or step == stop_step:
-            last_checkpoint = checkpoint_at(step)
+        if step % logging.save_every == 0 or step == run.stop_step:
+            last_checkpoint = save_run_checkpoint(run, step)
     progress.close()
+    return last_checkpoint
 
-    if stop_step < loop.max_steps:
-        accelerator.end_training()
-        accelerator.print(f"stopped at step {stop_step}; resume from {last_checkpoint}")
-        return last_checkpoint
-    final_dir = export_final_model(config, accelerator, model, tokenizer, tokens_seen)
-    accelerator.end_training()
-    accelerator.print(f"saved the trained model to {final_dir}")
-    return final_dir
+
+def optimizer_step(run: TrainingRun, interval: TrainingInterval) -> torch.Tensor:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches. Returns the gradient norm before
+    clipping, measured at the last micro-batch, where Accelerate synchronises the gradients."""
+    accelerator, model, optimizer, loop = run.accelerator, run.model, run.optimizer, run.config.training
+    for _ in range(loop.gradient_accumulation_steps):
+        batch = next(run.train_batches).to(accelerator.device)
+        with accelerator.accumulate(model):
+            outputs = model(input_ids=batch[:, :-1])
+            loss = causal_lm_loss(outputs.logits, batch[:, 1:])
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), loop.max_grad_norm or math.inf)
+            optimizer.step()
+            optimizer.zero_grad()
+        interval.add(loss, outputs.ttl_gradient_norms, loop.gradient_accumulation_steps)
+    run.scheduler.step()
+    run.tokens_seen += run.tokens_per_step
+    interval.steps += 1
+    return grad_norm
+
+
+def save_run_checkpoint(run: TrainingRun, step: int) -> Path:
+    """A checkpoint of the run after `step`: Accelerate's state plus this process's trainer state."""
+    trainer_state = {
+        "step": step,
+        "tokens_seen": run.tokens_seen,
+        "data": run.train_windows.state_dict(),
+        "signature": resume_signature(run.config),
+        "schedule": schedule_settings(run.config.training),
+        "param_sha256": parameter_fingerprint(run.accelerator.unwrap_model(run.model)),
+    }
+    root = checkpoint_root(Path(run.config.output_dir))
+    return save_checkpoint(run.accelerator, root, step, trainer_state, run.config.logging.keep_last)
 
 
 def export_final_model(
