@@ -80,12 +80,18 @@ def build_datasets(
     return train, validation_windows
 
 
+def load_atlas_model(path: str) -> AtlasMAGForCausalLM:
+    """The model saved at `path` (a folder or a Hub id), refused unless it is an Atlas-MAG model."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if not isinstance(model, AtlasMAGForCausalLM):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not an Atlas-MAG model")
+    return model
+
+
 def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> AtlasMAGForCausalLM:
     """A new model from `config.model` (vocabulary and special ids from the tokenizer) or `init_from`."""
     if config.init_from:
-        model = AutoModelForCausalLM.from_pretrained(local_or_hub(config.init_from, "init_from"))
-        if not isinstance(model, AtlasMAGForCausalLM):
-            raise ValueError(f"{config.init_from} holds a {type(model).__name__}, not an Atlas-MAG model")
+        model = load_atlas_model(local_or_hub(config.init_from, "init_from"))
     else:
         fields_ = {
             "vocab_size": len(tokenizer),

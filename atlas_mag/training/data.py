@@ -22,6 +22,8 @@ import torch
 from datasets import Dataset, DatasetDict, IterableDataset, interleave_datasets, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from ..reporting import write_text
+
 # Local file builders of `datasets`, by file suffix.
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_COLUMN = "text"
@@ -246,10 +248,5 @@ def stdlib_documents(max_files: int | None = None, max_chars: int | None = None)
 
 
 def write_jsonl(documents: Sequence[str], path: str | Path) -> Path:
-    """Write documents as JSON lines `{"text": ...}` (through a temporary file, so no half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps({TEXT_COLUMN: document}) + "\n" for document in documents))
-    temporary.replace(path)
-    return path
+    """Write documents as JSON lines `{"text": ...}` (atomically, so no half-written file)."""
+    return write_text(path, "".join(json.dumps({TEXT_COLUMN: document}) + "\n" for document in documents))

@@ -9,19 +9,13 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from datasets import Dataset, IterableDataset
-from transformers import (
-    AutoModelForCausalLM,
-    DataCollatorForLanguageModeling,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from ..cli import coerce_scalar, local_or_hub
 from ..compat import checkpointing_training_arguments
 from ..hub import render_model_card, save_model_folder
-from ..modeling_atlas import AtlasMAGForCausalLM
 from ..tokenization import load_tokenizer
+from .build import load_atlas_model
 from .data import DataSource, encode_document, load_source, pack_documents, split_holdout
 
 DEFAULT_TRAINING_ARGUMENTS = {
@@ -89,9 +83,7 @@ def finetune(
         **checkpointing_training_arguments(),
     }
     tokenizer = load_tokenizer(tokenizer_path or model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    if not isinstance(model, AtlasMAGForCausalLM):
-        raise ValueError(f"{model_path} holds a {type(model).__name__}, not an Atlas-MAG model")
+    model = load_atlas_model(model_path)
     train_data = load_source(train_source)
     if eval_source is None:
         train_data, eval_data = split_holdout(train_data, eval_documents, train_source.label)

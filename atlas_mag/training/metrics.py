@@ -3,11 +3,14 @@ flat hyperparameter table for the trackers, and the plot of the curves."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ..reporting import atomic_write_bytes, new_figure, write_text
 
 
 class MetricsLog:
@@ -21,11 +24,8 @@ class MetricsLog:
             return
         kept = []
         if resume_step is not None and path.exists():
-            records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            kept = [json.dumps(r) + "\n" for r in records if r["step"] <= resume_step]
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text("".join(kept))
-        temporary.replace(path)
+            kept = [json.dumps(r) + "\n" for r in iterate_metrics(path) if r["step"] <= resume_step]
+        write_text(path, "".join(kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -70,19 +70,15 @@ METRIC_PANELS = (
 
 
 def plot_metrics(metrics_path: str | Path, output_path: str | Path) -> Path:
-    """Draw the curves of a metrics.jsonl into a PNG (written through a temporary file)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Draw the curves of a metrics.jsonl into a PNG (written atomically)."""
     records = list(iterate_metrics(metrics_path))
     if not records:
         raise ValueError(f"Metrics file {metrics_path} has no records")
     panels = [(title, keys) for title, keys in METRIC_PANELS if any(k in r for r in records for k in keys)]
     columns = 2
     rows = math.ceil(len(panels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.2 * rows), squeeze=False)
+    figure = new_figure(6 * columns, 3.2 * rows)
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis, (title, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
             points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
@@ -96,10 +92,6 @@ def plot_metrics(metrics_path: str | Path, output_path: str | Path) -> Path:
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.tight_layout()
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output_path.with_name(f".{output_path.stem}.tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    temporary.replace(output_path)
-    return output_path
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
+    return atomic_write_bytes(output_path, png.getvalue())
