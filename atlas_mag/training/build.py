@@ -24,6 +24,8 @@ from .data import PackedWindows, load_source, mix_sources, split_holdout
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The run's Accelerator: its mixed precision, gradient accumulation and trackers (logging under
+    `output_dir`), with tied weights saved once in checkpoints."""
     precision = config.training.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -124,6 +126,7 @@ def learning_rate_schedule(loop: LoopConfig) -> Callable[[int], float]:
 
 
 def make_optimizer(model: torch.nn.Module, loop: LoopConfig) -> torch.optim.AdamW:
+    """AdamW with `weight_decay` on the matrices and none on the vectors and scalars."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": loop.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -23,7 +23,7 @@ from .config import LoopConfig, TrainConfig
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)")
 
 
-def checkpoint_root(output_dir: Path) -> Path:
+def checkpoints_dir(output_dir: Path) -> Path:
     """The folder of a run's checkpoints."""
     return output_dir / "checkpoints"
 
@@ -63,7 +63,7 @@ def resolve_checkpoint(resume: str | Path, output_dir: Path) -> Path:
     """`resume` is "latest" (the newest intact checkpoint of `output_dir`; corrupt newer ones are skipped with
     a warning) or a checkpoint folder, which must be intact."""
     if str(resume) == "latest":
-        root = checkpoint_root(output_dir)
+        root = checkpoints_dir(output_dir)
         found = list_checkpoints(root)
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint under {root}")
@@ -119,6 +119,7 @@ def save_checkpoint(
 
 
 def read_trainer_state(checkpoint: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """Process `rank`'s trainer state in `checkpoint`, which must have been written by `world_size` processes."""
     saved_ranks = len(list(checkpoint.glob("trainer_state_rank*.json")))
     if saved_ranks != world_size:
         raise ValueError(

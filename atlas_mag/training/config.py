@@ -182,6 +182,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A checked `TrainConfig` from a raw mapping, as YAML parses a run configuration."""
     config = _build(TrainConfig, raw, "")
     validate_config(config)
     return config
@@ -247,4 +248,5 @@ def validate_config(config: TrainConfig) -> None:
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The plain mapping of a configuration (what config.yaml holds); `config_from_dict` reads it back."""
     return asdict(config)

@@ -37,7 +37,7 @@ from ..modeling_atlas import AtlasMAGForCausalLM
 from ..tokenization import load_tokenizer
 from .build import build_datasets, build_model, learning_rate_schedule, make_accelerator, make_optimizer
 from .checkpoints import (
-    checkpoint_root,
+    checkpoints_dir,
     list_checkpoints,
     parameter_fingerprint,
     read_trainer_state,
@@ -170,7 +170,7 @@ def find_resume_point(
     trainer_state = (
         read_trainer_state(checkpoint, accelerator.process_index, accelerator.num_processes) if checkpoint else None
     )
-    if checkpoint is None and list_checkpoints(checkpoint_root(output_dir)):
+    if checkpoint is None and list_checkpoints(checkpoints_dir(output_dir)):
         raise FileExistsError(
             f"{output_dir} already holds checkpoints: pass --resume to continue that run, or use another output_dir"
         )
@@ -328,7 +328,7 @@ def save_run_checkpoint(run: TrainingRun, step: int) -> Path:
         "schedule": schedule_settings(run.config.training),
         "param_sha256": parameter_fingerprint(run.accelerator.unwrap_model(run.model)),
     }
-    root = checkpoint_root(Path(run.config.output_dir))
+    root = checkpoints_dir(Path(run.config.output_dir))
     return save_checkpoint(run.accelerator, root, step, trainer_state, run.config.logging.keep_last)
 
 

@@ -14,6 +14,7 @@ from ..modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits [batch, length, vocab] against targets [batch, length], computed in fp32."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
 
