@@ -19,7 +19,7 @@ This file is copied next to published weights: it imports only `transformers`, `
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,13 @@ from .ops_atlas import apply_rotary, sliding_window_attention
 # `cache` from 5.24 on, `past_key_values` before. Our forwards take both and return it under this one.
 CACHE_FIELD = "cache" if "cache" in {field.name for field in fields(BaseModelOutputWithPast)} else "past_key_values"
 
+# Why `init_continuous_batching` refuses (see AtlasMAGForCausalLM).
+CONTINUOUS_BATCHING_UNSUPPORTED = (
+    "Atlas-MAG does not support continuous batching: the paged cache it runs on (PagedAttentionCache) holds attention "
+    "keys and values only, not the memory each sequence learns during the forward pass (AtlasMAGCache); generate one "
+    "request at a time (for `transformers serve`, leave out --continuous-batching)"
+)
+
 # Keyword arguments that `generate`, `Trainer` or pipelines pass and that mean nothing to Atlas-MAG; any other
 # unknown keyword is an error (a renamed argument must never vanish into **kwargs).
 IGNORED_FORWARD_ARGUMENTS = {
@@ -51,6 +58,9 @@ IGNORED_FORWARD_ARGUMENTS = {
     "cache_position": "positions come from the cache and the attention mask",
     # Generation and pipelines pass False; True is refused below (there are no attention weights to return).
     "output_attentions": "Atlas-MAG returns no attention weights",
+    # `generate(..., tokenizer=...)` (for `stop_strings`; `transformers serve` always passes one) hands it on to
+    # every forward with the model inputs.
+    "tokenizer": "used by generate's stopping criteria, not by the model",
 }
 
 
@@ -481,6 +491,13 @@ class AtlasMAGForCausalLM(AtlasMAGPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         # `forward` creates its own AtlasMAGCache; generate must not hand it a DynamicCache.
         return False
+
+    def init_continuous_batching(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused with a clear error: continuous batching (`generate_batch`, `transformers serve
+        --continuous-batching`) packs all requests into one batch over a `PagedAttentionCache`, which pages
+        attention keys and values only; the memory each sequence learns (its `AtlasMAGCache`) has no place in it,
+        so the first step would fail deep in the forward."""
+        raise NotImplementedError(CONTINUOUS_BATCHING_UNSUPPORTED)
 
     @can_return_tuple
     def forward(

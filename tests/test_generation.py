@@ -125,3 +125,12 @@ def test_pipeline_steps_equal_full_forwards(model):
     prompt_length = len(tokenizer(prompt)["input_ids"])
     generated = torch.stack(step_logits)[: sequence.shape[1] - prompt_length]
     torch.testing.assert_close(generated, prefix_logits(model, sequence, prompt_length), atol=ATOL, rtol=0)
+
+
+def test_generate_passes_the_tokenizer_through_to_forward_harmlessly(model):
+    # `generate` hands its `tokenizer` (which stop strings need; `transformers serve` always passes one) on to
+    # every forward with the model inputs.
+    prompt = torch.randint(4, 97, (1, 12))
+    plain = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    given = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, tokenizer=word_tokenizer())
+    assert torch.equal(given, plain)
