@@ -12,6 +12,7 @@ from pathlib import Path
 from string import Template
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils.hub import CHAT_TEMPLATE_FILE
 
 from .reporting import umask_mode
 
@@ -22,6 +23,14 @@ CARD_TEMPLATE_LOCATIONS = (
     Path(sys.prefix) / "share" / "atlas_mag" / "hub_card" / "README.md",
 )
 DEFAULT_DATASETS = ("HuggingFaceTB/smollm-corpus",)
+
+# The chat template a saved folder gets when its tokenizer has none (chat endpoints such as `transformers serve`'s
+# /v1/chat/completions need one): each turn as `role: content` on its own line, then `assistant:` to answer. The
+# models here are trained on plain text, not on chats, so this only makes the prompt a plain-text transcript.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
 
 
 def render_model_card(
@@ -111,13 +120,16 @@ def save_model_folder(
 ) -> Path:
     """Save `model` as a Hub model repository: config.json with `auto_map`, model.safetensors (tied weights
     once), generation_config.json, the model code (modeling_atlas.py and the sibling files it imports), the
-    tokenizer and README.md."""
+    tokenizer (with `PLAIN_CHAT_TEMPLATE` if it has no chat template) and README.md."""
     model.config.register_for_auto_class()
     model.register_for_auto_class("AutoModelForCausalLM")
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+            if tokenizer.chat_template is None:
+                # Written beside the tokenizer (where from_pretrained reads it), leaving the caller's tokenizer as is.
+                (staging / CHAT_TEMPLATE_FILE).write_text(PLAIN_CHAT_TEMPLATE)
         if card is not None:
             (staging / "README.md").write_text(card)
     return Path(output_dir)
