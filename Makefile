@@ -1,4 +1,5 @@
-# `make main` sets everything up and runs the main job; `make test` sets everything up and runs the tests.
+# `make main` sets everything up and runs the main job; `make test` sets everything up and runs the tests;
+# `make serve` serves the main job's saved model (or MODEL=folder) with `transformers serve` on 127.0.0.1:8000.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # The oldest allowed releases (constraints-oldest.txt) in a venv of their own.
@@ -7,12 +8,19 @@ VENV_OLDEST ?= .venv-oldest
 PYTEST := -m pytest -q -n 2 tests
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
+MODEL ?= outputs/main_job/atlas-mag-recall
+# More options for `transformers serve`, e.g. SERVE_ARGS="--port 8001 --log-level info".
+SERVE_ARGS ?=
 
-.PHONY: setup setup-oldest main test test-newest test-oldest lint clean
+.PHONY: setup setup-oldest setup-serving main serve test test-newest test-oldest lint clean
 
 setup: $(VENV)/.installed
 
 setup-oldest: $(VENV_OLDEST)/.installed
+
+# The `serving` extra (FastAPI, Uvicorn, the OpenAI client) on top of setup; the oldest venv has no such extra
+# (its transformers predates `transformers serve`'s serving package), and tests/test_serving.py skips there.
+setup-serving: $(VENV)/.serving-installed
 
 # torch is pinned through constraints.txt so that pip takes the local CPU build and never the CUDA packages.
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
@@ -20,6 +28,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+$(VENV)/.serving-installed: $(VENV)/.installed
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[serving]"
 	touch $@
 
 $(VENV_OLDEST)/.installed: setup.cfg pyproject.toml constraints.txt constraints-oldest.txt
@@ -32,10 +44,13 @@ $(VENV_OLDEST)/.installed: setup.cfg pyproject.toml constraints.txt constraints-
 main: setup
 	$(PYTHON) scripts/main_job.py
 
+serve: setup-serving
+	$(PYTHON) scripts/serve.py $(MODEL) $(SERVE_ARGS)
+
 # The whole suite on the newest and on the oldest allowed releases (the range setup.cfg allows is the range tested).
 test: test-newest test-oldest
 
-test-newest: setup
+test-newest: setup setup-serving
 	$(PYTHON) $(PYTEST)
 
 test-oldest: setup-oldest

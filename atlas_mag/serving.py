@@ -1,0 +1,123 @@
+"""Serving a model folder written by `atlas_mag.hub.save_model_folder` with Transformers' own OpenAI-compatible
+server, `transformers serve` (its FastAPI app, its /v1/completions and /v1/chat/completions endpoints, its
+generation code): this module only lets that server load the folder.
+
+The one obstacle: `transformers serve <folder> --trust-remote-code` stops while loading with
+`AttributeError: module transformers has no attribute AtlasMAGForCausalLM`. Its model manager
+(`transformers/cli/serving/model_manager.py`, `ModelManager._load_model`, line 319 in 5.24.0) loads the config
+with `trust_remote_code`, then looks the class up by name on the `transformers` package:
+
+    architecture = getattr(transformers, config.architectures[0])
+
+which only finds classes that ship with Transformers, never a `trust_remote_code` class that the folder's
+`auto_map` names. The one-line upstream change that would make this module unnecessary:
+
+    architecture = getattr(transformers, config.architectures[0], None) or AutoModelForCausalLM
+
+`install_remote_code_lookup` does exactly that from the outside: inside that module, the name `transformers`
+becomes a stand-in that answers every name as the package does, and a name the package lacks with
+`AutoModelForCausalLM`, which loads the class the folder's `auto_map` names, with the same arguments the
+manager passes. Everything else is upstream's, so every option of `transformers serve` works as documented.
+
+The hooked internals (`transformers.cli.serving.model_manager` and its module global `transformers`,
+`transformers.cli.transformers.app`) exist from transformers 5.6.0 on, the first release with the serving
+package and /v1/completions; 5.5.0 has the package but no /v1/completions, 5.1.0 a single `cli/serve.py`.
+On a release without them this module stops with an error that names the installed release.
+
+Limits, all upstream's:
+- One request at a time: each model gets one inference thread (`GenerateManager`/`InferenceThread`,
+  `transformers/cli/serving/utils.py`), and each request is one `generate` call with its own `AtlasMAGCache`, so
+  concurrent requests queue and answer exactly what they answer alone.
+- No continuous batching: `--continuous-batching` packs requests into one batch over a `PagedAttentionCache`,
+  which pages attention keys and values only; the memory each sequence learns has no place in it
+  (`AtlasMAGForCausalLM.init_continuous_batching` refuses, and `serve` refuses the flag up front). It would need
+  a per-request state slot in the paged cache (allocated and freed by the scheduler like KV blocks), and a
+  forward over a packed batch that updates each request's memory at its own chunk boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import transformers
+from transformers import AutoModelForCausalLM
+
+from .cli import local_or_hub
+from .configuration_atlas import AtlasMAGConfig
+from .modeling_atlas import CONTINUOUS_BATCHING_UNSUPPORTED
+
+# The releases whose serve internals this module hooks (see the module docstring); setup.cfg's `serving` extra.
+SERVE_RELEASES = "transformers>=5.6,<6"
+
+
+class _TransformersWithAutoFallback:
+    """Stands in for the `transformers` package inside the serve model manager: every name the package has, and
+    `AutoModelForCausalLM` for an architecture it lacks (a `trust_remote_code` class such as AtlasMAGForCausalLM)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return getattr(transformers, name)
+        except AttributeError:
+            return AutoModelForCausalLM
+
+
+def serve_internals() -> tuple[Any, Any]:
+    """The installed `transformers serve` model-manager module and CLI app, or an error naming the release when
+    they are missing (too old or too new a release) or the serving dependencies are not installed."""
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        raise ImportError(
+            "Serving needs FastAPI, Uvicorn and the OpenAI client: pip install 'atlas-mag[serving]' (or "
+            "'transformers[serving]')"
+        )
+    problem = None
+    try:
+        from transformers.cli import transformers as cli
+        from transformers.cli.serving import model_manager
+    except ImportError as error:
+        problem = f"cannot import its serving package ({error})"
+    else:
+        looked_up_on = getattr(model_manager, "transformers", None)
+        if looked_up_on is not transformers and not isinstance(looked_up_on, _TransformersWithAutoFallback):
+            problem = "transformers.cli.serving.model_manager no longer looks architectures up on `transformers`"
+        elif not hasattr(model_manager.ModelManager, "_load_model") or not hasattr(cli, "app"):
+            problem = "ModelManager._load_model or the CLI app is missing"
+    if problem is not None:
+        raise RuntimeError(
+            f"atlas_mag.serving hooks the internals of `transformers serve` of {SERVE_RELEASES}; transformers "
+            f"{transformers.__version__} is installed and {problem}"
+        )
+    return model_manager, cli.app
+
+
+def install_remote_code_lookup() -> None:
+    """Let `transformers serve` load `trust_remote_code` architectures through `AutoModelForCausalLM` (see the
+    module docstring). For the whole process (a model unloaded after `--model-timeout` or by /reset is loaded
+    again later); installing it again changes nothing."""
+    model_manager, _ = serve_internals()
+    if not isinstance(model_manager.transformers, _TransformersWithAutoFallback):
+        model_manager.transformers = _TransformersWithAutoFallback()
+
+
+def is_atlas_mag(model: str) -> bool:
+    """Whether the local folder `model` holds an Atlas-MAG model (a Hub id is read by the server itself)."""
+    config = Path(model) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == AtlasMAGConfig.model_type
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, passthrough: Sequence[str] = ()) -> None:
+    """Run `transformers serve <model> --trust-remote-code --host HOST --port PORT <passthrough>` in this process
+    until it is stopped, pinned to `model` (a folder written by `save_model_folder`, or a Hub id): the upstream
+    CLI and server, with `install_remote_code_lookup` installed; `passthrough` takes any other option of
+    `transformers serve` (`--device`, `--dtype`, `--log-level`, ...)."""
+    model = local_or_hub(model, "model")
+    if "--continuous-batching" in passthrough and is_atlas_mag(model):
+        raise SystemExit(f"error: {CONTINUOUS_BATCHING_UNSUPPORTED}")
+    install_remote_code_lookup()
+    _, app = serve_internals()
+    command = ["serve", model, "--trust-remote-code", "--host", host, "--port", str(port), *passthrough]
+    app(command, prog_name="transformers")
