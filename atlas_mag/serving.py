@@ -38,7 +38,13 @@ Limits, all upstream's:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +127,62 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, passthrough: Se
     _, app = serve_internals()
     command = ["serve", model, "--trust-remote-code", "--host", host, "--port", str(port), *passthrough]
     app(command, prog_name="transformers")
+
+
+# Clients of a served model (tests/test_serving.py, scripts/benchmark_serving.py).
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def health(url: str, timeout: float = 60) -> int:
+    """The HTTP status of GET `url`/health."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def wait_until_healthy(url: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
+    """Return once `url`/health answers 200; raise if `process` (the server) exits first or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before answering")
+        try:
+            if health(url, timeout=2) == 200:
+                return
+        except OSError:  # not listening yet (connection refused or reset)
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the server at {url} did not answer /health within {timeout:.0f}s")
+
+
+@contextmanager
+def running_server(
+    command: Sequence[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Start `command` (a server listening on 127.0.0.1:`port`, such as scripts/serve.py) with its output in the
+    file `log` (a pipe nobody reads would fill and block it), and yield the process and its base URL once it is
+    healthy; the server is stopped (terminated, then killed) when the block ends. Errors quote the log's end."""
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_until_healthy(url, process=process)
+        except (RuntimeError, TimeoutError) as error:
+            raise RuntimeError(f"{error}; its output ends with:\n{log.read_text()[-3000:]}") from None
+        yield process, url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

@@ -6,12 +6,7 @@ bad requests get an HTTP error without disturbing the next answer."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,42 +24,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from atlas_mag import AtlasMAGForCausalLM  # noqa: E402
 from atlas_mag.hub import save_model_folder  # noqa: E402
+from atlas_mag.serving import (  # noqa: E402
+    free_port,
+    health,
+    install_remote_code_lookup,
+    running_server,
+    wait_until_healthy,
+)
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-STARTUP_SECONDS = 120
 REQUEST_SECONDS = 60
 # 13 words: several TTL chunks (ttl_chunk_size=4) before the first generated token.
 LONG_PROMPT = " ".join(f"w{i}" for i in range(5, 18))
 NEW_TOKENS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def health(url: str, timeout: float = REQUEST_SECONDS) -> int:
-    """The HTTP status of GET /health."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}: {process.stdout.read()}")
-        try:
-            if health(url, timeout=2) == 200:
-                return
-        except OSError:  # not listening yet (URLError, connection refused or reset)
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the server at {url} was not healthy within {STARTUP_SECONDS}s")
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +59,8 @@ def server(folder):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, str(REPOSITORY / "scripts" / "serve.py"), str(folder), "--port", str(port)]
-    process = subprocess.Popen(
-        [*command, "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process)
-        yield process, url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with running_server([*command, "--device", "cpu"], port, folder.parent / "server.log", env) as server:
+        yield server
 
 
 def make_client(url: str) -> openai.OpenAI:
@@ -211,8 +171,6 @@ def test_resident_memory_stays_flat_over_many_requests(client, folder, server):
 def test_served_parameters_stay_bit_identical_to_the_saved_weights(folder):
     # The same server in a thread of this process, to reach the model it holds.
     from transformers.cli.serve import Serve
-
-    from atlas_mag.serving import install_remote_code_lookup
 
     install_remote_code_lookup()
     port = free_port()
