@@ -17,7 +17,7 @@ which only finds classes that ship with Transformers, never a `trust_remote_code
 `install_remote_code_lookup` does exactly that from the outside: inside that module, the name `transformers`
 becomes a stand-in that answers every name as the package does, and a name the package lacks with
 `AutoModelForCausalLM`, which loads the class the folder's `auto_map` names, with the same arguments the
-manager passes. Everything else is upstream's, so every option of `transformers serve` works as documented.
+manager passes. Everything else is upstream's, so the other options of `transformers serve` work as documented.
 
 The hooked internals (`transformers.cli.serving.model_manager` and its module global `transformers`,
 `transformers.cli.transformers.app`) exist from transformers 5.6.0 on, the first release with the serving
@@ -33,6 +33,10 @@ Limits, all upstream's:
   (`AtlasMAGForCausalLM.init_continuous_batching` refuses, and `serve` refuses the flag up front). It would need
   a per-request state slot in the paged cache (allocated and freed by the scheduler like KV blocks), and a
   forward over a packed batch that updates each request's memory at its own chunk boundaries.
+- A request that generate refuses (`max_tokens: -1`) is a bare 500 "Internal Server Error": the handlers copy
+  `max_tokens` into the GenerationConfig unchecked (`transformers/cli/serving/completion.py`, lines 268-269 in
+  5.24.0) and the ValueError of `GenerationConfig.validate` surfaces from the inference thread; the server then
+  closes that connection and answers the next request as before. Unknown fields get a 422 naming them.
 """
 
 from __future__ import annotations
