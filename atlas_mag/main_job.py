@@ -24,8 +24,9 @@ import torch
 from transformers import pipeline
 
 from . import hub
-from .demo import load_model_folder
-from .recall import (
+from .reporting import new_figure, save_figure, write_json
+from .tasks.demo import load_model_folder
+from .tasks.recall import (
     RecallTask,
     TrainingRecipe,
     build_tokenizer,
@@ -34,7 +35,6 @@ from .recall import (
     recall_model_config,
     receptive_field,
 )
-from .reporting import new_figure, save_figure, write_json
 
 logger = logging.getLogger(__name__)
 

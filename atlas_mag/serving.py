@@ -21,8 +21,9 @@ manager passes. Everything else is upstream's, so the other options of `transfor
 
 The hooked internals (`transformers.cli.serving.model_manager` and its module global `transformers`,
 `transformers.cli.transformers.app`) exist from transformers 5.6.0 on, the first release with the serving
-package and /v1/completions; 5.5.0 has the package but no /v1/completions, 5.1.0 a single `cli/serve.py`.
-On a release without them this module stops with an error that names the installed release.
+package and /v1/completions (5.5.0 has the package but no /v1/completions, 5.1.0 a single `cli/serve.py`);
+the `serving` extra asks for 5.24, the release they are tested on. On a release without them this module
+stops with an error that names the installed release.
 
 Limits, all upstream's:
 - One request at a time: each model gets one inference thread (`GenerateManager`/`InferenceThread`,
@@ -60,7 +61,7 @@ from .configuration_atlas import AtlasMAGConfig
 from .modeling_atlas import CONTINUOUS_BATCHING_UNSUPPORTED
 
 # The releases whose serve internals this module hooks (see the module docstring); setup.cfg's `serving` extra.
-SERVE_RELEASES = "transformers>=5.6,<6"
+SERVE_RELEASES = "transformers>=5.24,<6"
 
 
 class _TransformersWithAutoFallback:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from atlas_mag.demo import load_model_folder
-from atlas_mag.niah import CONDITIONS, DEFAULT_DEPTHS, niah_table, run_niah, write_niah_report
+from atlas_mag.tasks.demo import load_model_folder
+from atlas_mag.tasks.niah import CONDITIONS, DEFAULT_DEPTHS, niah_table, run_niah, write_niah_report
 
 
 def numbers(text: str, kind: type) -> list:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from atlas_mag.demo import DEFAULT_PROMPTS, demo_to_json, format_demo, load_model_folder, run_demo
 from atlas_mag.reporting import write_json
+from atlas_mag.tasks.demo import DEFAULT_PROMPTS, demo_to_json, format_demo, load_model_folder, run_demo
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 import atlas_mag  # noqa: F401  (registers the Auto classes)
 from atlas_mag.cli import DTYPES, local_or_hub
-from atlas_mag.evaluation import evaluate_perplexity, format_table, long_documents
 from atlas_mag.reporting import write_json
+from atlas_mag.tasks.perplexity import evaluate_perplexity, format_table, long_documents
 from atlas_mag.tokenization import load_tokenizer
 from atlas_mag.training.data import DataSource, load_source
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from atlas_mag.main_job import MainJobSettings, format_report, run_main_job
-from atlas_mag.recall import TrainingRecipe
+from atlas_mag.tasks.recall import TrainingRecipe
 
 
 def main() -> None:

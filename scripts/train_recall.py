@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 from atlas_mag.cli import coerce_model_fields, parse_assignment
-from atlas_mag.recall import RecallTask, TrainingRecipe, recall_experiment, recall_model_config, receptive_field
 from atlas_mag.reporting import write_json
+from atlas_mag.tasks.recall import RecallTask, TrainingRecipe, recall_experiment, recall_model_config, receptive_field
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from atlas_mag import AtlasMAGConfig, AtlasMAGForCausalLM
 from atlas_mag.compat import is_activation_checkpointing
-from atlas_mag.evaluation import document_token_nll, evaluate_perplexity
 from atlas_mag.hub import save_model_folder
+from atlas_mag.tasks.perplexity import document_token_nll, evaluate_perplexity
 from atlas_mag.tokenization import SPECIAL_TOKENS, load_tokenizer, train_bpe_tokenizer
 from atlas_mag.training import (
     ConfigError,

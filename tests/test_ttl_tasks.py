@@ -11,10 +11,10 @@ from conftest import tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from atlas_mag import AtlasMAGForCausalLM
-from atlas_mag.demo import run_demo
 from atlas_mag.main_job import MainJobSettings, format_report, run_main_job
-from atlas_mag.niah import CONDITIONS, answer_under, build_prompt, is_correct, run_niah, write_niah_report
-from atlas_mag.recall import (
+from atlas_mag.tasks.demo import run_demo
+from atlas_mag.tasks.niah import CONDITIONS, answer_under, build_prompt, is_correct, run_niah, write_niah_report
+from atlas_mag.tasks.recall import (
     RecallTask,
     RecallTrainer,
     TrainingRecipe,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cli import synchronize
+from ..cli import synchronize
 
 DEFAULT_PROMPTS = (
     "The history of the printing press begins",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .training.data import encode_document
+from ..training.data import encode_document
 
 
 @torch.no_grad()

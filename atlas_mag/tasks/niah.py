@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..reporting import markdown_table, new_figure, save_figure, write_json, write_text
 from .demo import CONDITIONS, condition_switches, greedy_generate
-from .reporting import markdown_table, new_figure, save_figure, write_json, write_text
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from .configuration_atlas import AtlasMAGConfig
+from ..configuration_atlas import AtlasMAGConfig
+from ..modeling_atlas import AtlasMAGForCausalLM
 from .demo import CONDITIONS, condition_switches
-from .modeling_atlas import AtlasMAGForCausalLM
 
 logger = logging.getLogger(__name__)
 
