@@ -14,7 +14,7 @@ from string import Template
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.hub import CHAT_TEMPLATE_FILE
 
-from .reporting import umask_mode
+from .reporting import move_folder_into_place, umask_mode
 
 # The template lives in the repository's hub_card/ (a source checkout or editable install); a regular install
 # places it under <prefix>/share/atlas_mag/hub_card (setup.cfg data_files).
@@ -99,13 +99,7 @@ def atomic_directory(output_dir: str | Path, overwrite: bool = False) -> Iterato
     staging.chmod(umask_mode(0o777))
     try:
         yield staging
-        if output_dir.exists():
-            previous = output_dir.with_name(f".{output_dir.name}.old-{staging.name}")
-            output_dir.rename(previous)
-            staging.rename(output_dir)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(output_dir)
+        move_folder_into_place(staging, output_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

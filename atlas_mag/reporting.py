@@ -1,11 +1,13 @@
 """Writing results: JSON, Markdown tables and matplotlib figures, each written to a temporary file beside the
-target and renamed into place, so an interrupted run never leaves a truncated file where a good one was."""
+target and renamed into place, so an interrupted run never leaves a truncated file where a good one was (and the
+same for whole folders: `move_folder_into_place`)."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +35,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def move_folder_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished folder `staging` (beside `final`) to `final`, replacing the folder there: at every
+    moment `final` is the old folder or the new one, never a mix."""
+    if final.exists():
+        previous = final.with_name(f".{final.name}.old-{staging.name}")
+        shutil.rmtree(previous, ignore_errors=True)
+        final.rename(previous)
+        staging.rename(final)
+        shutil.rmtree(previous)
+    else:
+        staging.rename(final)
 
 
 def write_text(path: str | Path, text: str) -> Path:

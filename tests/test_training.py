@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import TINY, tiny_config
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -49,19 +49,14 @@ from atlas_mag.training.validation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "reference" / "tokenizer_atlas_mag_32k.json"
-MODEL = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=48,
-    sliding_window=16,
-    memory_key_dim=8,
-    memory_expansion=2,
-    poly_rank=24,
-    omega_window=16,
-    gamma_gate_hidden_size=8,
-    ttl_chunk_size=16,
-)
+# The model section of the test runs: the tests' tiny model (its vocabulary comes from the run's tokenizer) with
+# the published model's inner-loop settings and an Omega window and TTL chunk of 16, crossed a few times by a
+# training window of 64 tokens.
+MODEL = {
+    **{name: value for name, value in TINY.items() if name not in ("vocab_size", "qk_normalizer_scale", "ttl_lr")},
+    "omega_window": 16,
+    "ttl_chunk_size": 16,
+}
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 
+from ..reporting import move_folder_into_place
 from .config import LoopConfig, TrainConfig
 
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)")
@@ -104,14 +105,7 @@ def save_checkpoint(
     state_file.write_text(json.dumps(trainer_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            previous = checkpoint_root / f".{final.name}.old"
-            shutil.rmtree(previous, ignore_errors=True)
-            final.rename(previous)
-            staging.rename(final)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(final)
+        move_folder_into_place(staging, final)
         for old in list_checkpoints(checkpoint_root)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
