@@ -198,6 +198,7 @@ def test_published_size_checkpoint_converts_with_the_reference_parameter_count(t
 CHILD = textwrap.dedent(
     """
     import json, sys
+    sys.modules["atlas_mag"] = None  # the package cannot be imported: the folder's own code must suffice
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
     folder = sys.argv[1]
@@ -215,7 +216,9 @@ CHILD = textwrap.dedent(
         "prompt_ids": tokenizer(prompt).input_ids,
         "ttl_on": generator(prompt, **settings)[0]["generated_text"],
         "ttl_off": generator(prompt, ttl=False, **settings)[0]["generated_text"],
-        "atlas_mag_imported": any(name.split(".")[0] == "atlas_mag" for name in sys.modules),
+        "atlas_mag_imported": any(
+            name.split(".")[0] == "atlas_mag" and module is not None for name, module in sys.modules.items()
+        ),
     }))
     """
 )
