@@ -10,20 +10,16 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai  # the serving extra (`make setup-serving`); Makefile's test-oldest leaves this file out
 import pytest
 import torch
 from conftest import tiny_config, word_tokenizer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-# The oldest allowed transformers (5.1) predates the serving package atlas_mag.serving hooks; on a release that
-# has it, the serving extra (FastAPI, Uvicorn, the OpenAI client: `make setup-serving`) is required, not skipped.
-pytest.importorskip("transformers.cli.serving.completion")
-import openai  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from atlas_mag import AtlasMAGForCausalLM  # noqa: E402
-from atlas_mag.hub import save_model_folder  # noqa: E402
-from atlas_mag.serving import (  # noqa: E402
+from atlas_mag import AtlasMAGForCausalLM
+from atlas_mag.hub import save_model_folder
+from atlas_mag.serving import (
     free_port,
     health,
     install_remote_code_lookup,
