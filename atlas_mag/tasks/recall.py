@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 BOS_ID = SPECIAL_TOKENS.index("<bos>")
 TTL_SETTINGS = ("ttl_on", "ttl_off")
+# The test sequences of `evaluate_recall` (and of the lm-evaluation-harness tasks built on it) come from this seed.
+EVAL_SEED = 1234
 
 
 def receptive_field(config: AtlasMAGConfig) -> int:
@@ -311,7 +313,7 @@ def evaluate_recall(
     model: PreTrainedModel,
     task: RecallTask,
     num_sequences: int = 256,
-    seed: int = 1234,
+    seed: int = EVAL_SEED,
     conditions: Sequence[str] = CONDITIONS,
 ) -> dict[str, float]:
     """Accuracy per condition on `num_sequences` fresh sequences (the same ones for every condition)."""
