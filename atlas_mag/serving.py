@@ -34,21 +34,24 @@ Limits, all upstream's:
   (`AtlasMAGForCausalLM.init_continuous_batching` refuses, and `serve` refuses the flag up front). It would need
   a per-request state slot in the paged cache (allocated and freed by the scheduler like KV blocks), and a
   forward over a packed batch that updates each request's memory at its own chunk boundaries.
-- A request that generate refuses (`max_tokens: -1`) is a bare 500 "Internal Server Error": the handlers copy
-  `max_tokens` into the GenerationConfig unchecked (`transformers/cli/serving/completion.py`, lines 268-269 in
-  5.24.0) and the ValueError of `GenerationConfig.validate` surfaces from the inference thread; the server then
-  closes that connection and answers the next request as before. Unknown fields get a 422 naming them.
+- Generation parameters are checked only inside `generate`: the handlers copy `max_tokens` into the
+  GenerationConfig unchecked (`transformers/cli/serving/completion.py`, lines 268-269 in 5.24.0), so a request
+  that generate refuses (`max_tokens: -1`) fails in the inference thread as a bare 500 "Internal Server Error"
+  (and mid-stream for a streamed one). `install_generation_parameter_check` runs the same check
+  (`GenerationConfig.validate`) in each endpoint's `_build_generation_config`, before anything is generated, so
+  such a request gets a 400 with the message, streamed or not. Unknown fields get upstream's 422 naming them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -114,6 +117,43 @@ def install_remote_code_lookup() -> None:
         model_manager.transformers = _TransformersWithAutoFallback()
 
 
+def _checked(build_generation_config: Callable[..., Any]) -> Callable[..., Any]:
+    """`build_generation_config` followed by `GenerationConfig.validate`, its ValueError answered as a 400."""
+
+    @functools.wraps(build_generation_config)
+    def checked(handler: Any, body: dict, *args: Any, **kwargs: Any) -> Any:
+        from fastapi import HTTPException
+
+        generation_config = build_generation_config(handler, body, *args, **kwargs)
+        try:
+            generation_config.validate()
+        except ValueError as error:
+            raise HTTPException(status_code=400, detail=f"Invalid generation parameters: {error}") from error
+        return generation_config
+
+    checked.checks_generation_parameters = True
+    return checked
+
+
+def install_generation_parameter_check() -> None:
+    """Check every request's generation parameters before generating (see the module docstring), for the
+    completions, chat completions and responses endpoints; installing it again changes nothing."""
+    serve_internals()
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers.cli.serving.completion import CompletionHandler
+    from transformers.cli.serving.response import ResponseHandler
+
+    for handler in (CompletionHandler, ChatCompletionHandler, ResponseHandler):
+        build = vars(handler).get("_build_generation_config")
+        if build is None:
+            raise RuntimeError(
+                f"atlas_mag.serving hooks the internals of `transformers serve` of {SERVE_RELEASES}; in transformers "
+                f"{transformers.__version__}, {handler.__name__} builds no GenerationConfig of its own"
+            )
+        if not getattr(build, "checks_generation_parameters", False):
+            handler._build_generation_config = _checked(build)
+
+
 def is_atlas_mag(model: str) -> bool:
     """Whether the local folder `model` holds an Atlas-MAG model (a Hub id is read by the server itself)."""
     config = Path(model) / "config.json"
@@ -129,6 +169,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, passthrough: Se
     if "--continuous-batching" in passthrough and is_atlas_mag(model):
         raise SystemExit(f"error: {CONTINUOUS_BATCHING_UNSUPPORTED}")
     install_remote_code_lookup()
+    install_generation_parameter_check()
     _, app = serve_internals()
     command = ["serve", model, "--trust-remote-code", "--host", host, "--port", str(port), *passthrough]
     app(command, prog_name="transformers")

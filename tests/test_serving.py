@@ -133,11 +133,15 @@ def test_bad_requests_get_an_http_error_and_leave_the_next_answer_unchanged(clie
     with pytest.raises(openai.UnprocessableEntityError) as refused:
         client.completions.create(model=str(folder), prompt="w5", max_tokens=2, extra_body={"bogus": 1})
     assert "Unexpected fields" in refused.value.response.json()["detail"]
-    # A negative max_tokens reaches generate, whose ValueError upstream answers as a bare 500, after which the
-    # server drops the connection: sent on a connection of its own, not on one the other requests reuse.
-    with make_client(server[1]) as own_connection, pytest.raises(openai.InternalServerError) as failed:
-        own_connection.completions.create(model=str(folder), prompt="w5", max_tokens=-1)
-    assert failed.value.response.text == "Internal Server Error"
+    # Parameters generate would refuse (upstream: a bare 500 from the inference thread) get a 400 with the
+    # message before anything is generated, streamed or not, on the completions and chat endpoints.
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=str(folder), prompt="w5", max_tokens=-1, stream=stream)
+        assert "max_new_tokens" in refused.value.response.json()["detail"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=str(folder), messages=[{"role": "user", "content": "w5"}], max_tokens=0)
+    assert "max_new_tokens" in refused.value.response.json()["detail"]
     # A client that leaves mid-stream: the generation is cancelled at its next token.
     stream = client.completions.create(model=str(folder), prompt=LONG_PROMPT, max_tokens=500, stream=True)
     next(iter(stream))
