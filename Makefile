@@ -58,7 +58,7 @@ serve: setup-serving
 	$(PYTHON) scripts/serve.py $(MODEL) $(SERVE_ARGS)
 
 lm-eval: setup-evaluation
-	$(PYTHON) scripts/evaluate_lm_eval.py $(MODEL) --output outputs/lm_eval/$(notdir $(MODEL)).json $(LM_EVAL_ARGS)
+	$(PYTHON) scripts/evaluate_lm_eval.py $(MODEL) --output outputs/lm_eval/$(notdir $(patsubst %/,%,$(MODEL))).json $(LM_EVAL_ARGS)
 
 # The whole suite on the newest and on the oldest allowed releases (the range setup.cfg allows is the range tested);
 # the optional extras have the newest releases as their floor, and their tests (EXTRA_TESTS) run there only.

@@ -230,7 +230,7 @@ class AtlasMAGLayerCache(CacheLayerMixin):
     def __init__(self) -> None:
         super().__init__()
         self.state: AtlasMAGLayerState | None = None
-        self.device: torch.device | None = None  # where the state lives when not offloaded
+        self.device: torch.device | None = None  # where an offloaded state came from
 
     @property
     def state(self) -> AtlasMAGLayerState | None:
@@ -281,15 +281,18 @@ class AtlasMAGLayerCache(CacheLayerMixin):
             raise ValueError("AtlasMAGCache cannot be cropped: the memory has already learned from those tokens.")
 
     def offload(self) -> None:
-        """Move the state to the CPU between calls (Transformers' cache offloading)."""
-        if self.state is not None:
-            self.device = next(self.state.tensors()).device
+        """Move the state to the CPU between calls (called directly: Transformers' own cache offloading skips
+        sliding layers such as this one)."""
+        tensor = next(self.state.tensors(), None) if self.state is not None else None
+        if tensor is not None and tensor.device.type != "cpu":
+            self.device = tensor.device
             self._apply(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
-        """Move an offloaded state back to its device ahead of the layer's turn."""
+        """Move an offloaded state back to the device it was offloaded from."""
         if self.state is not None and self.device is not None:
-            self._apply(lambda t: t.to(self.device, non_blocking=True))
+            device, self.device = self.device, None
+            self._apply(lambda t: t.to(device, non_blocking=True))
 
 
 # Config fields that fix the shapes and the meaning of a cached state: a model refuses a cache built for others.
@@ -349,7 +352,8 @@ class AtlasMAGCache(Cache):
         return -1
 
     def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int) -> tuple[int, int]:
-        return self.layers[layer_idx].get_mask_sizes(query_length)
+        # Any layer gives the same sizes (the new positions, no offset), so an index past the last one does too.
+        return self.layers[min(layer_idx, len(self.layers) - 1)].get_mask_sizes(query_length)
 
     @property
     def is_initialized(self) -> bool:

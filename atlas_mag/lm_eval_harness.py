@@ -135,14 +135,19 @@ def run_lm_eval(
     batch_size: int = 1,
     bootstrap_iters: int = 1000,
     metadata: dict[str, Any] | None = None,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` with the `hf` backend on a saved folder and the local tasks, TTL on or off
     (`ttl_enabled` as a model argument, as `--model_args pretrained=FOLDER,trust_remote_code=True,
-    ttl_enabled=False` does on the command line). Returns simple_evaluate's output, samples included."""
+    ttl_enabled=False` does on the command line). `max_length`: the longest input lm-eval passes (it cuts longer
+    ones from the left; Atlas-MAG has no position limit, so lm-eval's default is 2048). Returns simple_evaluate's
+    output, samples included."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     model_args = {"pretrained": local_or_hub(pretrained, "model"), "trust_remote_code": True, "ttl_enabled": ttl}
+    if max_length is not None:
+        model_args["max_length"] = max_length
     # As lm-eval's CLI does: the model arguments reach the tasks' custom_dataset through their metadata.
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=model_args | (metadata or {}))
     return lm_eval.simple_evaluate(
@@ -181,10 +186,12 @@ def compare_ttl(
 ) -> dict[str, Any]:
     """`run_lm_eval` on the same folder and tasks once per TTL setting (`ttl_on`, `ttl_off`); returns a
     JSON-ready summary: the scores per setting and task, the recall task the documents follow and the lm-eval
-    release. `options` go to `run_lm_eval` (device, batch_size, bootstrap_iters, metadata: `DOCUMENT_OPTIONS`
-    only)."""
+    release. `options` go to `run_lm_eval` (device, batch_size, bootstrap_iters, max_length, metadata:
+    `DOCUMENT_OPTIONS` only)."""
     import lm_eval
 
+    if set(settings) - set(TTL_SETTINGS):
+        raise ValueError(f"settings must be among {list(TTL_SETTINGS)} (lm-eval can switch TTL, not the gate)")
     metadata = options.get("metadata") or {}
     unknown = sorted(set(metadata) - set(DOCUMENT_OPTIONS))
     if unknown:

@@ -38,8 +38,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def move_folder_into_place(staging: Path, final: Path) -> None:
-    """Rename the finished folder `staging` (beside `final`) to `final`, replacing the folder there: at every
-    moment `final` is the old folder or the new one, never a mix."""
+    """Rename the finished folder `staging` (beside `final`) to `final`, replacing the folder there: `final` is
+    the old folder or the new one, never a mix (between the two renames it is briefly absent)."""
     if final.exists():
         previous = final.with_name(f".{final.name}.old-{staging.name}")
         shutil.rmtree(previous, ignore_errors=True)

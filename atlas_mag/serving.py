@@ -166,7 +166,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, passthrough: Se
     CLI and server, with `install_remote_code_lookup` installed; `passthrough` takes any other option of
     `transformers serve` (`--device`, `--dtype`, `--log-level`, ...)."""
     model = local_or_hub(model, "model")
-    if "--continuous-batching" in passthrough and is_atlas_mag(model):
+    if any(arg.startswith("--continuous-batching") for arg in passthrough) and is_atlas_mag(model):
         raise SystemExit(f"error: {CONTINUOUS_BATCHING_UNSUPPORTED}")
     install_remote_code_lookup()
     install_generation_parameter_check()

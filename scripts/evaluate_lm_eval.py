@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--bootstrap-iters", type=int, default=1000, help="for the perplexity's standard error")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="longest input in tokens (lm-eval cuts longer ones; default 2048)"
+    )
     parser.add_argument("--output", default=None, help="write the scores as JSON here")
     args = parser.parse_args()
     if args.limit is not None and args.limit < 1:
@@ -51,6 +54,7 @@ def main() -> None:
             device=args.device,
             batch_size=args.batch_size,
             bootstrap_iters=args.bootstrap_iters,
+            max_length=args.max_length,
             metadata=dict(args.metadata),
         )
     except (FileNotFoundError, ValueError) as error:

@@ -642,8 +642,9 @@ def test_torch_export_of_a_cache_free_forward_gives_eager_logits():
 
 
 def test_cache_layers_are_transformers_cache_layers():
-    """Each layer slot is a real `CacheLayerMixin` (what Transformers' cache utilities expect), refuses the
-    keys/values API it has no use for, and offloads its whole state and brings it back unchanged."""
+    """Each layer slot is a real `CacheLayerMixin` (what Transformers' cache utilities expect) and refuses the
+    keys/values API it has no use for; offloading a state that is on the CPU already copies nothing, however often
+    it is called, and prefetching then leaves it where it is."""
     from transformers.cache_utils import CacheLayerMixin
 
     model = make_model()
@@ -653,10 +654,12 @@ def test_cache_layers_are_transformers_cache_layers():
     assert isinstance(layer, CacheLayerMixin) and layer.is_initialized
     with pytest.raises(NotImplementedError, match="AtlasMAGLayerState"):
         layer.update(torch.zeros(1), torch.zeros(1))
-    before = [tensor.clone() for tensor in cache.state_tensors()]
+    before = list(cache.state_tensors())
     for cached in cache.layers:
         cached.offload()
+        cached.offload()
         cached.prefetch()
-    assert all(torch.equal(a, b) for a, b in zip(before, cache.state_tensors(), strict=True))
+        assert cached.device is None
+    assert all(a is b for a, b in zip(before, cache.state_tensors(), strict=True))
     cache.reset()
     assert not layer.is_initialized and layer.state is None
