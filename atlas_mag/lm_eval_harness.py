@@ -35,14 +35,15 @@ from transformers import AutoTokenizer
 
 from .cli import local_or_hub
 from .configuration_atlas import AtlasMAGConfig
+from .main_job import MainJobSettings
 from .reporting import markdown_table
 from .tasks.demo import CONDITIONS
 from .tasks.recall import EVAL_SEED, TTL_SETTINGS, RecallTask, receptive_field
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks" / "lm_eval_tasks"
 TASK_NAMES = ("atlas_recall_mc", "atlas_recall_loglik", "atlas_recall_gen")
-# As many sequences as the main job's recall evaluation (`MainJobSettings.eval_sequences`).
-EVAL_SEQUENCES = 256
+# As many sequences as the main job's recall evaluation.
+EVAL_SEQUENCES = MainJobSettings.eval_sequences
 # The arguments of `recall_dataset` that shape the documents (lm-eval `--metadata`, the script's `--metadata`).
 DOCUMENT_OPTIONS = ("recall_sequences", "recall_seed", "recall_gap", "recall_pairs", "recall_queries")
 # The metrics each task reports (lm-eval's result keys are `metric,filter`; these tasks have no filters).
