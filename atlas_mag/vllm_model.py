@@ -122,58 +122,64 @@ class LayerStateLayout:
         # aligned to its element size.
         self.fields = tuple(sorted(state_fields, key=lambda field: -field.storage_dtype.itemsize))
 
-    def _tensors_by_part(self, slots: tuple[torch.Tensor, ...]) -> dict[str, list[torch.Tensor]]:
-        parts: dict[str, list[torch.Tensor]] = {}
-        for field, slot in zip(self.fields, slots, strict=True):
-            parts.setdefault(field.part, []).append(slot)
-        return parts
+    def slots_by_part(self, kv_cache: tuple[torch.Tensor, ...]) -> dict[str, list[tuple[StateField, torch.Tensor]]]:
+        """vLLM's tensors of this layer (in `fields` order, [num_blocks, *shape] each), grouped by the state's part
+        and in the order of the part's own fields."""
+        by_name = {(field.part, field.name): (field, slot) for field, slot in zip(self.fields, kv_cache, strict=True)}
+        parts = {part: [field.name for field in fields(history)] for part, history in HISTORIES.items()}
+        if self.memory_template is not None:
+            parts.update({part: [field.name for field in fields(MemoryWeights)] for part in ("memory", "momentum")})
+        return {
+            part: [by_name[part, name] for name in names]
+            for part, names in parts.items()
+            if (part, names[0]) in by_name
+        }
 
-    def _in_field_order(self, part: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """`tensors` of `part`, from this layout's order into the order of the part's own fields."""
-        names = [field.name for field in self.fields if field.part == part]
-        by_name = dict(zip(names, tensors, strict=True))
-        if part in HISTORIES:
-            return [by_name[field.name] for field in fields(HISTORIES[part])]
-        return [by_name[field.name] for field in fields(MemoryWeights)]
-
-    def read(self, slots: tuple[torch.Tensor, ...], rows: torch.Tensor) -> AtlasMAGLayerState:
+    def read(self, slots: dict[str, list[tuple[StateField, torch.Tensor]]], rows: torch.Tensor) -> AtlasMAGLayerState:
         """The states of the requests whose state indices are `rows` (copies: the blocks never write vLLM's
         buffers)."""
-        read = tuple(slot[rows].to(field.dtype) for field, slot in zip(self.fields, slots, strict=True))
-        parts = {part: self._in_field_order(part, tensors) for part, tensors in self._tensors_by_part(read).items()}
-        state = AtlasMAGLayerState(attention=AttentionWindow(*parts["attention"]))
-        if self.memory_template is not None:
-            state.qk = QKHistory(*parts["qk"])
-            state.omega = OmegaHistory(*parts["omega"])
-            state.memory = self.memory_template.with_tensors(parts["memory"])
-            state.momentum = self.memory_template.with_tensors(parts["momentum"])
-        return state
+        parts = {part: [slot[rows].to(field.dtype) for field, slot in part_slots] for part, part_slots in slots.items()}
+        if self.memory_template is None:
+            return AtlasMAGLayerState(attention=AttentionWindow(*parts["attention"]))
+        return AtlasMAGLayerState(
+            attention=AttentionWindow(*parts["attention"]),
+            qk=QKHistory(*parts["qk"]),
+            omega=OmegaHistory(*parts["omega"]),
+            memory=self.memory_template.with_tensors(parts["memory"]),
+            momentum=self.memory_template.with_tensors(parts["momentum"]),
+        )
 
-    def write(self, slots: tuple[torch.Tensor, ...], rows: torch.Tensor, state: AtlasMAGLayerState) -> None:
-        """Store `state` (a batch of requests) as the states of the requests whose state indices are `rows`. A
-        history shorter than its slot goes to the slot's end, after invalid (zero) entries; a memory without
-        momentum (no update yet) stores zero momentum, which the first update treats alike."""
-        by_part = self._tensors_by_part(slots)
+    def write(
+        self,
+        slots: dict[str, list[tuple[StateField, torch.Tensor]]],
+        rows: torch.Tensor,
+        state: AtlasMAGLayerState,
+        read: AtlasMAGLayerState | None,
+    ) -> None:
+        """Store `state` (a batch of requests, computed from `read`, None for new requests) as the states of the
+        requests whose state indices are `rows`. A history shorter than its slot goes to the slot's end, after
+        invalid (zero) entries; a memory without momentum (no update yet) stores zero momentum, which the first
+        update treats alike; a memory that did not learn in this call is not written again."""
         for part, history_type in HISTORIES.items():
-            if part not in by_part:
+            if part not in slots:
                 continue
             history = getattr(state, part)
-            stored = self._in_field_order(part, by_part[part])
-            for slot, tensor, time_dim in zip(stored, history.tensors(), history_type.TIME_DIMS, strict=True):
-                padded = slot.new_zeros((len(rows), *slot.shape[1:]))
-                length = tensor.shape[time_dim]
-                padded.narrow(time_dim, padded.shape[time_dim] - length, length).copy_(tensor.to(slot.dtype))
-                slot.index_copy_(0, rows, padded)
-        if self.memory_template is None:
+            for (_, slot), tensor, dim in zip(slots[part], history.tensors(), history_type.TIME_DIMS, strict=True):
+                tensor = tensor.to(slot.dtype)
+                if tensor.shape[dim] < slot.shape[dim]:
+                    padded = slot.new_zeros((len(rows), *slot.shape[1:]))
+                    padded.narrow(dim, slot.shape[dim] - tensor.shape[dim], tensor.shape[dim]).copy_(tensor)
+                    tensor = padded
+                slot.index_copy_(0, rows, tensor)
+        if self.memory_template is None or (read is not None and state.memory is read.memory):
             return
         for part in ("memory", "momentum"):
             weights: MemoryWeights | None = getattr(state, part)
-            stored = self._in_field_order(part, by_part[part])
-            for index, slot in enumerate(stored):
+            for index, (_, slot) in enumerate(slots[part]):
                 if weights is None:
                     slot.index_fill_(0, rows, 0)
                 else:
-                    slot.index_copy_(0, rows, weights.tensors()[index].to(slot.dtype))
+                    slot.index_copy_(0, rows, weights.tensors()[index])
 
 
 class AtlasMAGStateLayer(MambaBase, nn.Module):
@@ -189,6 +195,7 @@ class AtlasMAGStateLayer(MambaBase, nn.Module):
             raise ValueError(f"Duplicate layer name: {prefix}")
         forward_context[prefix] = self
         self.kv_cache = (torch.tensor([]),)
+        self.slots: dict[str, list[tuple[StateField, torch.Tensor]]] = {}
 
     def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
         return tuple(field.shape for field in self.layout.fields)
@@ -200,11 +207,15 @@ class AtlasMAGStateLayer(MambaBase, nn.Module):
     def mamba_type(self) -> MambaAttentionBackendEnum:
         return MambaAttentionBackendEnum[STATE_BACKEND]
 
-    def read(self, rows: torch.Tensor) -> AtlasMAGLayerState:
-        return self.layout.read(self.kv_cache, rows)
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        super().bind_kv_cache(kv_cache)
+        self.slots = self.layout.slots_by_part(self.kv_cache)
 
-    def write(self, rows: torch.Tensor, state: AtlasMAGLayerState) -> None:
-        self.layout.write(self.kv_cache, rows, state)
+    def read(self, rows: torch.Tensor) -> AtlasMAGLayerState:
+        return self.layout.read(self.slots, rows)
+
+    def write(self, rows: torch.Tensor, state: AtlasMAGLayerState, read: AtlasMAGLayerState | None) -> None:
+        self.layout.write(self.slots, rows, state, read)
 
 
 @dataclass(frozen=True)
@@ -299,7 +310,7 @@ class AtlasMAGForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             state = state_layer.read(rows.state_indices) if rows.continues else None
             step = block(hidden_states, state, call)
             if rows.state_indices is not None:
-                state_layer.write(rows.state_indices, step.state)
+                state_layer.write(rows.state_indices, step.state, state)
             hidden_states = step.hidden_states
         return hidden_states.reshape(num_tokens, -1)
 
