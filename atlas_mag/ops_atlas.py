@@ -243,6 +243,17 @@ class MemoryWeights:
                 flat.append(value)
         return flat
 
+    def names(self) -> list[str]:
+        """The name of each weight of `tensors()`, in that order ("mlp.0", "mlp.1" for the tuple's)."""
+        names = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, tuple):
+                names.extend(f"{field.name}.{index}" for index in range(len(value)))
+            elif value is not None:
+                names.append(field.name)
+        return names
+
     def with_tensors(self, tensors: Sequence[torch.Tensor]) -> MemoryWeights:
         """The same structure holding `tensors` (in `tensors()` order) instead."""
         remaining = iter(tensors)

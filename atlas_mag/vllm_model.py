@@ -104,7 +104,6 @@ class LayerStateLayout:
         self.memory_template: MemoryWeights | None = None
         if memory is not None:
             self.memory_template = memory.weights()
-            weight_names = [field.name for field in fields(MemoryWeights)]
             state_fields += [
                 StateField("qk", "keys", (keys, hidden), torch.float32),
                 StateField("qk", "weights", (keys,), torch.float32),
@@ -116,7 +115,7 @@ class LayerStateLayout:
             state_fields += [
                 StateField(part, name, tuple(weight.shape), torch.float32)
                 for part in ("memory", "momentum")
-                for name, weight in zip(weight_names, self.memory_template.tensors(), strict=True)
+                for name, weight in zip(self.memory_template.names(), self.memory_template.tensors(), strict=True)
             ]
         # vLLM packs a request's tensors into one page in this order: wider elements first keeps every tensor
         # aligned to its element size.
@@ -128,7 +127,7 @@ class LayerStateLayout:
         by_name = {(field.part, field.name): (field, slot) for field, slot in zip(self.fields, kv_cache, strict=True)}
         parts = {part: [field.name for field in fields(history)] for part, history in HISTORIES.items()}
         if self.memory_template is not None:
-            parts.update({part: [field.name for field in fields(MemoryWeights)] for part in ("memory", "momentum")})
+            parts.update({part: self.memory_template.names() for part in ("memory", "momentum")})
         return {
             part: [by_name[part, name] for name in names]
             for part, names in parts.items()

@@ -12,6 +12,7 @@ import os
 # One engine in this process, so that the test can see each step's batches (vLLM's in-process engine core).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
+import copy  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -130,6 +131,36 @@ def test_every_request_in_flight_decodes_as_full_forwards_do(llm, reference, mon
         assert served_logprobs == pytest.approx(logprobs, abs=2e-4), f"prompt {index} ({len(prompt)} tokens)"
     # The memory's learning changes the answers: serving with TTL off would be caught.
     assert sum(ttl_off_differs) >= len(all_prompts) // 2
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(feature_map="taylor", memory_depth=2, memory_optimizer="gd"), dict(use_memory=False)]
+)
+def test_a_state_stored_in_slots_continues_as_the_cache_does(overrides):
+    """A layer state written into vLLM-shaped slots (other slots holding garbage) and read back continues a
+    sequence as the Transformers cache's own state does, for histories shorter than their slots and full ones."""
+    config = tiny_config(initializer_range=0.2, **overrides)
+    model = AtlasMAGForCausalLM(config).eval()
+    layouts = [
+        vllm_model.LayerStateLayout(config, getattr(block, "memory", None), torch.float32)
+        for block in model.model.layers
+    ]
+    rows = torch.tensor([2])
+    for length in (5, 40):  # shorter than every window, and beyond them all
+        ids = torch.randint(4, 97, (1, length + 3))
+        with torch.no_grad():
+            cache = AtlasMAGCache(config)
+            model(ids[:, :length], cache=cache)
+            stored = copy.deepcopy(cache)
+            for layout, layer in zip(layouts, stored.layers, strict=True):
+                slots = layout.slots_by_part(
+                    tuple(torch.randn(4, *field.shape).to(field.storage_dtype) for field in layout.fields)
+                )
+                layout.write(slots, rows, layer.state, None)
+                layer.state = layout.read(slots, rows)
+            expected = model(ids[:, length:], cache=cache).logits
+            continued = model(ids[:, length:], cache=stored).logits
+        torch.testing.assert_close(continued, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_each_request_holds_the_declared_state_whatever_its_length(llm, reference):
