@@ -15,8 +15,10 @@ export HF_DATASETS_OFFLINE := 1
 MODEL ?= outputs/main_job/atlas-mag-recall
 # More options for `transformers serve`, e.g. SERVE_ARGS="--port 8001 --log-level info".
 SERVE_ARGS ?=
-# More options for `vllm serve` (scripts/serve_vllm.py), e.g. VLLM_ARGS="--port 8001 --max-num-seqs 32".
+# More options for `vllm serve` (scripts/serve_vllm.py), e.g. VLLM_ARGS="--port 8001 --max-num-seqs 32"; the
+# memory it reserves for request states (on the CPU it would otherwise reserve 92% of the machine's).
 VLLM_ARGS ?=
+VLLM_STATE_BYTES ?= 1073741824
 # More options for scripts/evaluate_lm_eval.py, e.g. LM_EVAL_ARGS="--limit 64 --tasks atlas_recall_gen".
 LM_EVAL_ARGS ?=
 
@@ -76,7 +78,8 @@ serve: setup-serving
 	$(PYTHON) scripts/serve.py $(MODEL) $(SERVE_ARGS)
 
 serve-vllm: setup-vllm
-	$(VENV_VLLM)/bin/python scripts/serve_vllm.py $(MODEL) --host 127.0.0.1 --port 8000 $(VLLM_ARGS)
+	$(VENV_VLLM)/bin/python scripts/serve_vllm.py $(MODEL) --host 127.0.0.1 --port 8000 \
+		--kv-cache-memory-bytes $(VLLM_STATE_BYTES) $(VLLM_ARGS)
 
 lm-eval: setup-evaluation
 	$(PYTHON) scripts/evaluate_lm_eval.py $(MODEL) --output outputs/lm_eval/$(notdir $(patsubst %/,%,$(MODEL))).json $(LM_EVAL_ARGS)
