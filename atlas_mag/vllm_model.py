@@ -134,10 +134,16 @@ class LayerStateLayout:
             if (part, names[0]) in by_name
         }
 
-    def read(self, slots: dict[str, list[tuple[StateField, torch.Tensor]]], rows: torch.Tensor) -> AtlasMAGLayerState:
+    def read(
+        self, slots: dict[str, list[tuple[StateField, torch.Tensor]]], rows: torch.Tensor, learns: bool
+    ) -> AtlasMAGLayerState:
         """The states of the requests whose state indices are `rows` (copies: the blocks never write vLLM's
-        buffers)."""
-        parts = {part: [slot[rows].to(field.dtype) for field, slot in part_slots] for part, part_slots in slots.items()}
+        buffers); their momentum only if they `learn` in this call (a step without an update leaves it as it is)."""
+        parts = {
+            part: [slot[rows].to(field.dtype) for field, slot in part_slots]
+            for part, part_slots in slots.items()
+            if part != "momentum" or learns
+        }
         if self.memory_template is None:
             return AtlasMAGLayerState(attention=AttentionWindow(*parts["attention"]))
         return AtlasMAGLayerState(
@@ -145,7 +151,7 @@ class LayerStateLayout:
             qk=QKHistory(*parts["qk"]),
             omega=OmegaHistory(*parts["omega"]),
             memory=self.memory_template.with_tensors(parts["memory"]),
-            momentum=self.memory_template.with_tensors(parts["momentum"]),
+            momentum=self.memory_template.with_tensors(parts["momentum"]) if learns else None,
         )
 
     def write(
@@ -210,8 +216,8 @@ class AtlasMAGStateLayer(MambaBase, nn.Module):
         super().bind_kv_cache(kv_cache)
         self.slots = self.layout.slots_by_part(self.kv_cache)
 
-    def read(self, rows: torch.Tensor) -> AtlasMAGLayerState:
-        return self.layout.read(self.slots, rows)
+    def read(self, rows: torch.Tensor, learns: bool) -> AtlasMAGLayerState:
+        return self.layout.read(self.slots, rows, learns)
 
     def write(self, rows: torch.Tensor, state: AtlasMAGLayerState, read: AtlasMAGLayerState | None) -> None:
         self.layout.write(self.slots, rows, state, read)
@@ -306,7 +312,7 @@ class AtlasMAGForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         hidden_states = hidden_states.view(rows.batch, num_tokens // rows.batch, -1)
         call = CallPlan.for_positions(self.config, positions.view(rows.batch, -1))
         for block, state_layer in zip(self.model.layers, self.state_layers, strict=True):
-            state = state_layer.read(rows.state_indices) if rows.continues else None
+            state = state_layer.read(rows.state_indices, learns=bool(call.schedule)) if rows.continues else None
             step = block(hidden_states, state, call)
             if rows.state_indices is not None:
                 state_layer.write(rows.state_indices, step.state, state)

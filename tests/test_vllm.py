@@ -157,7 +157,7 @@ def test_a_state_stored_in_slots_continues_as_the_cache_does(overrides):
                     tuple(torch.randn(4, *field.shape).to(field.storage_dtype) for field in layout.fields)
                 )
                 layout.write(slots, rows, layer.state, None)
-                layer.state = layout.read(slots, rows)
+                layer.state = layout.read(slots, rows, learns=True)
             expected = model(ids[:, length:], cache=cache).logits
             continued = model(ids[:, length:], cache=stored).logits
         torch.testing.assert_close(continued, expected, rtol=1e-5, atol=1e-5)
