@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from ..reporting import move_folder_into_place
 from .config import LoopConfig, TrainConfig
+from .sharding import save_sharded_state
 
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)")
 
@@ -89,11 +90,17 @@ def resolve_checkpoint(resume: str | Path, output_dir: Path) -> Path:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, checkpoint_root: Path, step: int, trainer_state: dict[str, Any], keep_last: int
+    accelerator: Accelerator,
+    checkpoint_root: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    sharded: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None,
 ) -> Path:
-    """Write `accelerator.save_state` and every process's trainer state into a hidden folder, then rename it
-    to `step_XXXXXXXX`: a run killed while saving leaves no half-written checkpoint behind. Keeps the last
-    `keep_last`. All processes must call it (the folder is shared)."""
+    """Write `accelerator.save_state`, the full state of a `sharded` (model, optimizer), which Accelerate does
+    not hold, and every process's trainer state into a hidden folder, then rename it to `step_XXXXXXXX`: a run
+    killed while saving leaves no half-written checkpoint behind. Keeps the last `keep_last`. All processes must
+    call it (the folder is shared)."""
     final = checkpoint_root / f"step_{step:08d}"
     staging = checkpoint_root / f".step_{step:08d}.partial"
     if accelerator.is_main_process:
@@ -101,6 +108,8 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    if sharded is not None:
+        save_sharded_state(*sharded, staging, accelerator.is_main_process)
     state_file = staging / f"trainer_state_rank{accelerator.process_index}.json"
     state_file.write_text(json.dumps(trainer_state))
     accelerator.wait_for_everyone()
@@ -145,18 +154,17 @@ def drop_tied_aliases(models: list[torch.nn.Module], weights: list[dict[str, Any
         seen = set()
         for name in list(state):
             tensor = state[name]
-            if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
-                continue  # sharded (DTensor) states have no plain storage to compare
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
             if key in seen:
                 del state[name]
             seen.add(key)
 
 
-def parameter_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of this process's parameter bytes: equal on every process of a data-parallel run."""
+def parameter_fingerprint(parameters: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and bytes: of this process's parameters, equal on every process of a
+    data-parallel run (or of its shards in a sharded run)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(parameters.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

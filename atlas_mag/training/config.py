@@ -15,6 +15,7 @@ import yaml
 from ..cli import coerce_model_fields, coerce_scalar, parse_assignment
 from ..configuration_atlas import AtlasMAGConfig
 from .data import DataSource
+from .sharding import SHARDING_CHOICES
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 TRACKER_CHOICES = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
@@ -59,6 +60,12 @@ class LoopConfig:
     gradient_checkpointing: bool = False
     # Stop (after a checkpoint) at this step without changing the schedule, e.g. for a time-limited job.
     stop_at_step: int | None = None
+    # "fsdp2": shard the parameters, gradients and optimizer state over the processes (see `sharding`).
+    sharding: str = "none"
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding == "fsdp2"
 
 
 @dataclass
@@ -240,6 +247,13 @@ def validate_config(config: TrainConfig) -> None:
         raise ConfigError(f"`training.min_lr_ratio` must be in [0, 1], got {loop.min_lr_ratio}")
     if loop.mixed_precision not in MIXED_PRECISION_CHOICES:
         raise ConfigError(f"`training.mixed_precision` must be one of {MIXED_PRECISION_CHOICES}")
+    if loop.sharding not in SHARDING_CHOICES:
+        raise ConfigError(f"`training.sharding` must be one of {SHARDING_CHOICES}, got {loop.sharding!r}")
+    if loop.sharding == "fsdp2" and loop.mixed_precision == "fp16":
+        raise ConfigError(
+            "`training.mixed_precision: fp16` cannot be used with `training.sharding: fsdp2` (fp16 needs a gradient "
+            "scaler for sharded gradients); use bf16 or auto"
+        )
     if loop.stop_at_step is not None and not 0 < loop.stop_at_step <= loop.max_steps:
         raise ConfigError(f"`training.stop_at_step` must be in [1, max_steps], got {loop.stop_at_step}")
     unknown_trackers = sorted(set(logging.trackers) - set(TRACKER_CHOICES))

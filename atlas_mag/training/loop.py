@@ -1,13 +1,14 @@
 """Pretraining Atlas-MAG with Accelerate: `train` runs a configuration (see `config`) unchanged on a CPU, one GPU
-or many (`accelerate launch`, DDP or FSDP), with bf16 mixed precision, gradient accumulation, clipping, gradient
-checkpointing with TTL on, resumable checkpoints that lose nothing, and metrics. Its steps are the functions
-below, in the order a run calls them.
+or many (`accelerate launch`: DDP, or FSDP2 with `training.sharding: fsdp2`, see `sharding`), with bf16 mixed
+precision, gradient accumulation, clipping, gradient checkpointing with TTL on, resumable checkpoints that lose
+nothing, and metrics. Its steps are the functions below, in the order a run calls them.
 
 Output folder of a run:
     config.yaml                 the resolved configuration
     metrics.jsonl               one JSON record per logged step and per validation
     tensorboard/                Accelerate trackers
-    checkpoints/step_XXXXXXXX/  `accelerator.save_state` + `trainer_state_rank{r}.json` (step, data position)
+    checkpoints/step_XXXXXXXX/  `accelerator.save_state` (under sharding also the full model and optimizer state)
+                                + `trainer_state_rank{r}.json` (step, data position)
     final/                      the trained model as a Hub folder (safetensors, custom code, model card)
 """
 
@@ -25,7 +26,6 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -49,6 +49,7 @@ from .checkpoints import (
 from .config import TrainConfig, config_to_dict
 from .data import PackedWindows, batches
 from .metrics import MetricsLog, flatten_config
+from .sharding import check_launch, full_model_state_dict, full_tensor, load_sharded_state, local_tensor, shard_model
 from .validation import causal_lm_loss, evaluate
 
 
@@ -79,7 +80,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
 @dataclass
 class TrainingRun:
     """What the steps of a run share: its configuration, the data, the model, optimizer and scheduler as
-    Accelerate prepared them, and the counters a checkpoint saves (`start_step` is the step it resumed at)."""
+    Accelerate prepared them (a sharded model and its optimizer as `shard_model` left them), and the counters a
+    checkpoint saves (`start_step` is the step it resumed at)."""
 
     config: TrainConfig
     accelerator: Accelerator
@@ -88,7 +90,7 @@ class TrainingRun:
     train_batches: Iterator[torch.Tensor]
     validation_windows: list[list[int]]
     model: torch.nn.Module
-    optimizer: AcceleratedOptimizer
+    optimizer: torch.optim.Optimizer
     scheduler: AcceleratedScheduler
     start_step: int
     tokens_seen: int
@@ -106,7 +108,9 @@ class TrainingRun:
 
     def validate(self) -> dict[str, float]:
         batch_size = self.config.logging.eval_batch_size or self.config.training.micro_batch_size
-        return evaluate(self.model, self.validation_windows, batch_size, self.accelerator)
+        # A sharded model holds its initial memory whole only inside a block's forward.
+        measure_memory = not self.config.training.sharded
+        return evaluate(self.model, self.validation_windows, batch_size, self.accelerator, measure_memory)
 
 
 @dataclass
@@ -183,8 +187,9 @@ def find_resume_point(
 
 def set_up_run(config: TrainConfig, accelerator: Accelerator, trainer_state: dict[str, Any] | None) -> TrainingRun:
     """Load the tokenizer and the data (at the saved position when resuming), then build the model, optimizer and
-    scheduler and hand them to Accelerate."""
+    scheduler and hand them to Accelerate, or shard the model (`training.sharding`) and hand it the scheduler."""
     loop = config.training
+    check_launch(accelerator, loop.sharding)
     tokenizer = load_tokenizer(config.tokenizer)
     train_windows, validation_windows = build_datasets(
         config, tokenizer, accelerator.process_index, accelerator.num_processes
@@ -201,11 +206,17 @@ def set_up_run(config: TrainConfig, accelerator: Accelerator, trainer_state: dic
     model.train()
     if loop.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    model = accelerator.prepare(model)
-    # After `prepare`, so that FSDP hands the optimizer its sharded parameters.
-    optimizer = make_optimizer(model, loop)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_schedule(loop))
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    # The optimizer is made after sharding or `prepare`, so that it holds the parameters the model trains.
+    if loop.sharded:
+        # Not handed to Accelerate, which would wrap the model in DDP and save only the main process's shards.
+        model = shard_model(model, accelerator)
+        optimizer = make_optimizer(model, loop)
+        scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_schedule(loop)))
+    else:
+        model = accelerator.prepare(model)
+        optimizer = make_optimizer(model, loop)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_schedule(loop))
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     return TrainingRun(
         config=config,
         accelerator=accelerator,
@@ -226,6 +237,8 @@ def restore_checkpoint(run: TrainingRun, checkpoint: Path, trainer_state: dict[s
     the current schedule settings from the saved step on, with a warning naming those that changed."""
     accelerator, loop, start_step = run.accelerator, run.config.training, run.start_step
     accelerator.load_state(str(checkpoint))
+    if loop.sharded:
+        load_sharded_state(run.model, run.optimizer, checkpoint)
     # The schedule is a function of the step: a new max_steps or warm-up reshapes it from here on.
     run.scheduler.scheduler.last_epoch = start_step
     saved_schedule = trainer_state.get("schedule", {})
@@ -299,7 +312,8 @@ def run_steps(run: TrainingRun, log: RunLog, last_checkpoint: Path | None) -> Pa
 
 def optimizer_step(run: TrainingRun, interval: TrainingInterval) -> torch.Tensor:
     """One optimizer step over `gradient_accumulation_steps` micro-batches. Returns the gradient norm before
-    clipping, measured at the last micro-batch, where Accelerate synchronises the gradients."""
+    clipping, measured at the last micro-batch, where Accelerate synchronises the gradients and the optimizer
+    steps (an Accelerate optimizer would skip the other micro-batches itself; a sharded run's is a plain one)."""
     accelerator, model, optimizer, loop = run.accelerator, run.model, run.optimizer, run.config.training
     for _ in range(loop.gradient_accumulation_steps):
         batch = next(run.train_batches).to(accelerator.device)
@@ -309,27 +323,33 @@ def optimizer_step(run: TrainingRun, interval: TrainingInterval) -> torch.Tensor
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), loop.max_grad_norm or math.inf)
-            optimizer.step()
-            optimizer.zero_grad()
+                optimizer.step()
+                optimizer.zero_grad()
         interval.add(loss, outputs.ttl_gradient_norms, loop.gradient_accumulation_steps)
     run.scheduler.step()
     run.tokens_seen += run.tokens_per_step
     interval.steps += 1
-    return grad_norm
+    return full_tensor(grad_norm) if loop.sharded else grad_norm
 
 
 def save_run_checkpoint(run: TrainingRun, step: int) -> Path:
-    """A checkpoint of the run after `step`: Accelerate's state plus this process's trainer state."""
+    """A checkpoint of the run after `step`: Accelerate's state (and a sharded run's full model and optimizer
+    state) plus this process's trainer state."""
+    sharded = run.config.training.sharded
+    parameters = run.accelerator.unwrap_model(run.model).state_dict()
+    if sharded:
+        parameters = {name: local_tensor(tensor) for name, tensor in parameters.items()}
     trainer_state = {
         "step": step,
         "tokens_seen": run.tokens_seen,
         "data": run.train_windows.state_dict(),
         "signature": resume_signature(run.config),
         "schedule": schedule_settings(run.config.training),
-        "param_sha256": parameter_fingerprint(run.accelerator.unwrap_model(run.model)),
+        "param_sha256": parameter_fingerprint(parameters),
     }
     root = checkpoints_dir(Path(run.config.output_dir))
-    return save_checkpoint(run.accelerator, root, step, trainer_state, run.config.logging.keep_last)
+    sharded_state = (run.model, run.optimizer) if sharded else None
+    return save_checkpoint(run.accelerator, root, step, trainer_state, run.config.logging.keep_last, sharded_state)
 
 
 def export_final_model(
@@ -340,8 +360,9 @@ def export_final_model(
     tokens_seen: int,
 ) -> Path:
     """Save the trained weights as a Hub folder (`output_dir/final`). The full state dict is gathered from
-    every process (FSDP included) into a plain fp32 model."""
-    state_dict = accelerator.get_state_dict(model)
+    every process (sharded included) into a plain fp32 model."""
+    sharded = config.training.sharded
+    state_dict = full_model_state_dict(model) if sharded else accelerator.get_state_dict(model)
     final_dir = Path(config.output_dir) / "final"
     if accelerator.is_main_process:
         trained = AtlasMAGForCausalLM(accelerator.unwrap_model(model).config)

@@ -8,7 +8,6 @@ import math
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
 from ..modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
 
@@ -31,13 +30,16 @@ def memory_update_norm(model: AtlasMAGForCausalLM, cache: AtlasMAGCache) -> torc
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, windows: list[list[int]], batch_size: int, accelerator: Accelerator
+    model: torch.nn.Module,
+    windows: list[list[int]],
+    batch_size: int,
+    accelerator: Accelerator,
+    measure_memory: bool = True,
 ) -> dict[str, float]:
-    """Validation loss with TTL on and off, and the TTL memory update norm, over all processes."""
+    """Validation loss with TTL on and off, and (with `measure_memory`) the TTL memory update norm, over all
+    processes."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
-    # FSDP shards the parameters, so the initial memory is not available whole on each process.
-    measure_memory = accelerator.distributed_type != DistributedType.FSDP
     rank_windows = windows[accelerator.process_index :: accelerator.num_processes]
     # nll with TTL, nll without, target tokens, sum of memory update norms, sequences measured
     totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
