@@ -5,7 +5,8 @@ python scripts/train.py configs/tiny.yaml --set training.max_steps=20 --set outp
 python scripts/train.py configs/tiny.yaml --resume                  # continue from the latest checkpoint
 python scripts/train.py configs/tiny.yaml --resume outputs/tiny/checkpoints/step_00000100
 accelerate launch --num_processes 8 scripts/train.py configs/atlas_mag_43m.yaml          # DDP
-accelerate launch --config_file configs/accelerate_fsdp.yaml scripts/train.py configs/atlas_mag_43m.yaml
+accelerate launch --config_file configs/accelerate_fsdp.yaml scripts/train.py configs/atlas_mag_43m.yaml \
+    --set training.sharding=fsdp2                                                          # FSDP2
 """
 
 from __future__ import annotations
