@@ -237,6 +237,7 @@ def test_sharding_is_refused_where_it_cannot_run(tmp_path, data):
         config_from_dict(raw)
     with pytest.raises(ValueError, match=r"`training.sharding: fsdp2` needs several processes"):
         train(config_from_dict(run_config(tmp_path / "single", data, "fsdp2")))
+    assert not (tmp_path / "single").exists(), "refused before anything is written"
     # A GPU launch through Accelerate's FSDP plugin (`distributed_type: FSDP`), sharded or not.
     plugin_launch = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2)
     for sharding in SHARDING_CHOICES:
