@@ -16,6 +16,9 @@ from transformers import GenerationConfig, PretrainedConfig
 MEMORY_OPTIMIZERS = ("muon", "gd")
 FEATURE_MAPS = ("polynomial", "taylor")
 BLOCK_TYPES = ("mag", "mal")
+# How Newton–Schulz is evaluated (`ops_atlas.newton_schulz`): the form with fewer FLOPs for each matrix's shape, or
+# one form forced.
+NS_EVALUATIONS = ("auto", "direct", "gram")
 
 # Named sizes. "atlas-mag-43m" is the published checkpoint; the others follow the sizes of the `titans_atlas`
 # presets (~170M, ~400M, ~760M parameters, embeddings tied, vocab 32000). Parameter counts are in
@@ -154,6 +157,10 @@ class AtlasMAGConfig(PretrainedConfig):
             with Newton–Schulz (Atlas); `"gd"` applies the momentum as is (OmegaNet). Vectors and the output scale
             always use the normalised momentum `S / ||S||` with Muon and the raw momentum with plain descent.
         ttl_ns_steps (`int`, defaults to 5): Newton–Schulz iterations (the published demo used 5, training 10).
+        ttl_ns_evaluation (`str`, defaults to `"auto"`): how the same Newton–Schulz function is computed:
+            `"direct"` iterates on the [m, n] matrix (m <= n), `"gram"` forms the [m, m] Gram matrix once and iterates
+            on polynomials of it (fewer FLOPs when n > 1.5 m: 1.85x fewer for the [512, 2144] compression matrix),
+            `"auto"` picks the form with fewer FLOPs for each matrix shape. The results agree to fp32 rounding.
         ttl_backprop_through_updates (`bool`, defaults to `False`): let the outer training loss backpropagate
             through the TTL updates (second-order, memory-hungry). When off, the outer loss still trains the
             memory's initial weights and all projections through the memory reads.
@@ -196,6 +203,7 @@ class AtlasMAGConfig(PretrainedConfig):
         ttl_decay: float = 0.999,
         memory_optimizer: str = "muon",
         ttl_ns_steps: int = 5,
+        ttl_ns_evaluation: str = "auto",
         ttl_backprop_through_updates: bool = False,
         use_cache: bool = True,
         tie_word_embeddings: bool = True,
@@ -236,6 +244,7 @@ class AtlasMAGConfig(PretrainedConfig):
         self.ttl_decay = ttl_decay
         self.memory_optimizer = memory_optimizer
         self.ttl_ns_steps = ttl_ns_steps
+        self.ttl_ns_evaluation = ttl_ns_evaluation
         self.ttl_backprop_through_updates = ttl_backprop_through_updates
         self.use_cache = use_cache
         self._validate()
@@ -347,6 +356,7 @@ class AtlasMAGConfig(PretrainedConfig):
             ("memory_optimizer", MEMORY_OPTIMIZERS),
             ("feature_map", FEATURE_MAPS),
             ("block_type", BLOCK_TYPES),
+            ("ttl_ns_evaluation", NS_EVALUATIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")

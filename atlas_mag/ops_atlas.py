@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .configuration_atlas import AtlasMAGConfig
+from .configuration_atlas import NS_EVALUATIONS, AtlasMAGConfig
 
 # Newton–Schulz quintic coefficients (Muon; reference doc "Test-time learning").
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -484,25 +484,81 @@ def memory_loss_gradients(
     return grads, losses
 
 
-def newton_schulz(matrix: torch.Tensor, steps: int) -> torch.Tensor:
+def newton_schulz_flops(rows: int, cols: int, steps: int, evaluation: str) -> int:
+    """Multiply-add FLOPs (2 per multiply-add) of `steps` Newton–Schulz steps of one [rows, cols] matrix evaluated
+    "direct" or in "gram" space, with m = min(rows, cols) and n = max(rows, cols) (the iteration runs on the wide
+    orientation). Direct: per step X X^T (2m²n), A² (2m³) and (bA + cA²) X (2m²n). Gram: G = X0 X0^T and the final
+    P X0 (2m²n each), A² every step, Q A Q (two m³ products) every step but the last and Q P every step but the
+    first: 4 * steps - 3 products of m x m matrices."""
+    m, n = min(rows, cols), max(rows, cols)
+    if evaluation == "direct":
+        return steps * (4 * m * m * n + 2 * m**3)
+    if evaluation == "gram":
+        return 4 * m * m * n + (4 * steps - 3) * 2 * m**3
+    raise ValueError(f"evaluation must be 'direct' or 'gram', got {evaluation!r}")
+
+
+def newton_schulz_choice(rows: int, cols: int, steps: int, evaluation: str = "auto") -> str:
+    """The evaluation `newton_schulz` runs for a [rows, cols] matrix: `evaluation` itself if forced, else the one
+    with fewer FLOPs (`newton_schulz_flops`; a tie goes to "direct"). For 2 steps or more that is "gram" exactly
+    when the long side exceeds 1.5 times the short one, whatever the number of steps."""
+    if evaluation not in NS_EVALUATIONS:
+        raise ValueError(f"evaluation must be one of {NS_EVALUATIONS}, got {evaluation!r}")
+    if evaluation != "auto":
+        return evaluation
+    gram = newton_schulz_flops(rows, cols, steps, "gram")
+    return "gram" if gram < newton_schulz_flops(rows, cols, steps, "direct") else "direct"
+
+
+def newton_schulz(matrix: torch.Tensor, steps: int, evaluation: str = "auto") -> torch.Tensor:
     """Batched Newton–Schulz orthogonalisation of [B, m, n] matrices, iterated on the smaller Gram side
-    (X X^T and X^T X give the same polynomial in X)."""
+    (X X^T and X^T X give the same polynomial in X). `evaluation` ("auto", "direct" or "gram", see
+    `newton_schulz_choice`) only changes how the same function is computed."""
     transposed = matrix.shape[-2] > matrix.shape[-1]
     x = matrix.transpose(-1, -2) if transposed else matrix
     x = x / (_sequence_norm(x) + NS_EPS)[:, None, None]
+    if newton_schulz_choice(x.shape[-2], x.shape[-1], steps, evaluation) == "gram":
+        x = _newton_schulz_gram(x, steps)
+    else:
+        x = _newton_schulz_direct(x, steps)
+    return x.transpose(-1, -2) if transposed else x
+
+
+def _newton_schulz_direct(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The quintic iteration X <- aX + (bA + cA²)X, A = X X^T, on normalised wide [B, m, n] matrices."""
     a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = torch.matmul(x, x.transpose(-1, -2))
         # Fused forms of `b * gram + c * gram @ gram` and `a * x + poly @ x`.
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, poly, x, beta=a)
-    return x.transpose(-1, -2) if transposed else x
+    return x
 
 
-def newton_schulz_grouped(matrices: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+def _newton_schulz_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """`_newton_schulz_direct` evaluated on m x m matrices: every iterate is X_k = P_k X_0 with P_k a polynomial
+    in G = X_0 X_0^T, so A_k = X_k X_k^T and Q_k = aI + bA_k + cA_k² are polynomials in G too (they commute), and
+    A_{k+1} = Q_k A_k Q_k, P_{k+1} = Q_k P_k, X_K = P_K X_0. Fewer FLOPs when n is well above m (see
+    `newton_schulz_flops`); differentiable like the direct form."""
+    a, b, c = NS_COEFFICIENTS
+    gram = torch.matmul(x, x.transpose(-1, -2))
+    product = None
+    for step in range(steps):
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)
+        product = poly if product is None else torch.matmul(poly, product)
+        if step < steps - 1:
+            gram = torch.matmul(poly, torch.matmul(gram, poly))
+            # Symmetric in exact arithmetic; rounding makes it drift (on a low-rank input the null space's noise
+            # grows by a² per step), and averaging with its transpose trims the final error there by ~15%.
+            gram = 0.5 * (gram + gram.transpose(-1, -2))
+    return torch.matmul(product, x)
+
+
+def newton_schulz_grouped(matrices: list[torch.Tensor], steps: int, evaluation: str = "auto") -> list[torch.Tensor]:
     """`newton_schulz` of several [B, m, n] matrices, one batched call per shape of their smaller Gram side
     (each slice is normalised by its own norm, so batching changes nothing but the number of calls: in the
-    published model proj_down, proj_up^T and the memory MLP's weight are all [64, 512])."""
+    published model proj_down and proj_up^T are both [64, 512])."""
     oriented = [matrix.transpose(-1, -2) if matrix.shape[-2] > matrix.shape[-1] else matrix for matrix in matrices]
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, matrix in enumerate(oriented):
@@ -510,7 +566,7 @@ def newton_schulz_grouped(matrices: list[torch.Tensor], steps: int) -> list[torc
     results = list(matrices)
     for indices in groups.values():
         stacked = oriented[indices[0]] if len(indices) == 1 else torch.cat([oriented[index] for index in indices])
-        parts = newton_schulz(stacked, steps).split(oriented[indices[0]].shape[0])
+        parts = newton_schulz(stacked, steps, evaluation).split(oriented[indices[0]].shape[0])
         for index, part in zip(indices, parts, strict=True):
             results[index] = part if oriented[index] is matrices[index] else part.transpose(-1, -2)
     return results
@@ -547,7 +603,9 @@ def omega_update_steps(
     directions = list(moments)
     if config.memory_optimizer != "gd":
         matrix_indices = [index for index, moment in enumerate(moments) if moment.dim() == 3]
-        orthogonalised = newton_schulz_grouped([moments[index] for index in matrix_indices], config.ttl_ns_steps)
+        orthogonalised = newton_schulz_grouped(
+            [moments[index] for index in matrix_indices], config.ttl_ns_steps, config.ttl_ns_evaluation
+        )
         for index, direction in zip(matrix_indices, orthogonalised, strict=True):
             directions[index] = direction
         for index, moment in enumerate(moments):

@@ -1,5 +1,6 @@
-"""An independent re-computation of the published Atlas-MAG forward pass (TTL off), written from the formulas in
-`../shared/reference/atlas_mag_reference.md` and reading tensors by the *published checkpoint's* key names.
+"""An independent re-computation of the published Atlas-MAG forward pass (TTL off) and of its Newton–Schulz
+iteration, written from the formulas in `../shared/reference/atlas_mag_reference.md` and reading tensors by the
+*published checkpoint's* key names.
 
 It uses full T x T masks, explicit loops over the Q-K window and `torch.triu_indices` pairs, so it shares no code
 with the model.
@@ -24,6 +25,15 @@ def rope(x, positions, theta=10000.0):
     cos, sin = angles.cos()[:, None], angles.sin()[:, None]
     first, second = x[..., :half], x[..., half:]
     return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+def newton_schulz(g, steps):
+    """The reference doc's Newton–Schulz iteration of one matrix, on X X^T whatever the shape."""
+    x = g / (g.norm() + 1e-7)
+    for _ in range(steps):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+    return x
 
 
 def memory(z, sd, prefix, eps=1e-5):

@@ -479,6 +479,7 @@ def test_save_and_load_round_trip_bit_exactly(tmp_path):
         ("ttl_decay", 1.5),
         ("ttl_momentum", 1.0),
         ("memory_optimizer", "adam"),
+        ("ttl_ns_evaluation", "eigh"),
         ("feature_map", "fourier"),
         ("block_type", "mac"),
         ("memory_depth", -1),
