@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from atlas_mag import AtlasMAGCache, AtlasMAGForCausalLM
+from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM
 from atlas_mag.benchmark import (
     ATLAS_COMPILED,
     ATLAS_NO_CACHE,
@@ -34,6 +34,9 @@ from atlas_mag.benchmark import (
     run_benchmark,
     write_report,
 )
+from atlas_mag.benchmark.flops import row_flops_per_token
+from atlas_mag.benchmark.kernels import newton_schulz_shapes
+from atlas_mag.ops_atlas import newton_schulz_choice
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,13 +158,54 @@ def test_reports_are_written_and_well_formed(benchmark_results, tmp_path):
     atlas_prefill_16 = next(r for r in loaded["prefill"] if r["variant"] == ATLAS_TTL_ON and r["length"] == 16)
     ratio = atlas_prefill_16["tokens_per_s"] / llama_prefill_16["tokens_per_s"]
     assert f"{atlas_prefill_16['tokens_per_s']:,.0f} ({ratio:.2f}x)" in markdown
-    goal_rows = [line for line in markdown.splitlines() if line.startswith("| Atlas")]
-    assert len(goal_rows) == len(loaded["goals"])
+    goal_rows = [line for line in markdown.split("## Goals")[1].splitlines() if line.startswith("| ")]
+    assert len(goal_rows) == len(loaded["goals"]) + 1  # and the header
     assert "this compiler always fails" in markdown
 
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = plt.imread(paths["png"])
     assert image.ndim == 3 and image.shape[1] > 2 * image.shape[0]
+
+
+def test_every_row_has_its_flops_and_their_fraction_of_the_measured_matmul_rate(benchmark_results):
+    results = benchmark_results
+    meta = results["meta"]
+    assert meta["matmul_flops_per_s"] == max(meta["matmul_probes_flops_per_s"]) > 0
+    variants = build_variants(tiny_config(), TINY_GRID.max_length, torch.device("cpu"), torch.float32, None)
+    measured = 0
+    for section in ("train", "prefill", "decode"):
+        for row in results[section]:
+            if "error" in row:
+                assert "flops_per_token" not in row
+                continue
+            length = row["context" if section == "decode" else "length"]
+            expected = row_flops_per_token(section, variants[row["variant"]], length, TINY_GRID)
+            assert row["flops_per_token"] == expected.as_dict()
+            tokens_per_s = 1000 / row["ms_per_token"] if section == "decode" else row["tokens_per_s"]
+            assert row["flops_per_s"] == pytest.approx(expected.total * tokens_per_s)
+            assert row["matmul_rate_fraction"] == pytest.approx(row["flops_per_s"] / meta["matmul_flops_per_s"])
+            measured += 1
+    assert measured >= 20
+    ttl_on = next(r for r in results["prefill"] if r["variant"] == ATLAS_TTL_ON and r["length"] == 16)
+    assert ttl_on["flops_per_token"]["newton_schulz"] > 0 and ttl_on["flops_per_token"]["memory_gradients"] > 0
+    ttl_off = next(r for r in results["prefill"] if r["variant"] == ATLAS_TTL_OFF and r["length"] == 16)
+    assert ttl_off["flops_per_token"]["newton_schulz"] == 0 < ttl_off["flops_per_token"]["memory_reads"]
+
+    shapes = [row["shape"] for row in results["newton_schulz"]]
+    assert shapes == [list(shape) for shape in newton_schulz_shapes(tiny_config(), TINY_GRID.batch_size)]
+    for row in results["newton_schulz"]:
+        assert row["chosen"] == newton_schulz_choice(row["shape"][1], row["shape"][2], 5)
+        assert row["direct_ms"] > 0 and row["gram_ms"] > 0
+        assert row["direct_error"] < 1e-4 and row["gram_error"] < 1e-3
+    markdown = render_markdown(results)
+    assert "## Analytic FLOPs, MFLOP per token" in markdown and "## Newton–Schulz per call" in markdown
+    assert f"{ttl_on['matmul_rate_fraction']:.2f} |" in markdown
+
+
+def test_the_newton_schulz_calls_of_the_published_model():
+    """One call per smaller-Gram-side shape: proj_down and proj_up^T share theirs."""
+    config = AtlasMAGConfig()
+    assert newton_schulz_shapes(config, 3) == [(3, 512, 2144), (3, 256, 512), (6, 64, 512), (3, 64, 256)]
 
 
 def test_goals_are_judged_from_the_numbers():
@@ -182,6 +226,7 @@ def test_goals_are_judged_from_the_numbers():
                         "length": length,
                         "tokens_per_s": speed,
                         "peak_memory_bytes": memory[variant][length],
+                        "matmul_rate_fraction": speed / 100,
                     }
                 )
     decode = {ATLAS_TTL_ON: {16: (2.0, 500), 32: (2.2, 500)}, ATLAS_TTL_OFF: {16: (1.0, 400), 32: (3.0, 800)}}
@@ -189,8 +234,9 @@ def test_goals_are_judged_from_the_numbers():
     for variant, by_context in decode.items():
         for context, (ms, size) in by_context.items():
             results["decode"].append({"variant": variant, "context": context, "ms_per_token": ms, "cache_bytes": size})
+    results["newton_schulz"] = [{"shape": [1, 512, 2144], "speedup": 1.6}, {"shape": [1, 64, 512], "speedup": 1.0}]
     goals = {g["goal"]: (g["value"], g["status"]) for g in evaluate_goals(results, grid)}
-    assert len(goals) == 16
+    assert len(goals) == 19
 
     def check(prefix: str, value: float, status: str) -> None:
         (key,) = [k for k in goals if k.startswith(prefix)]
@@ -208,6 +254,9 @@ def test_goals_are_judged_from_the_numbers():
         check(f"Atlas TTL off: {section} tokens/s over Llama's at 8", 0.8, "missed")
         check(f"Atlas TTL on: peak {section} memory", 1.0, "met")
         check(f"Atlas TTL off: peak {section} memory", 2.0, "missed")
+    check("Atlas TTL on: prefill FLOP/s over the measured matmul rate at 8", 0.6, "missed")
+    check("Atlas TTL on: prefill FLOP/s over the measured matmul rate at 16", 1.2, "met")
+    check("Newton–Schulz at [512, 2144]: direct ms over", 1.6, "met")
 
     results["decode"] = [r for r in results["decode"] if r["variant"] != LLAMA]
     goals = {g["goal"]: g["status"] for g in evaluate_goals(results, grid)}

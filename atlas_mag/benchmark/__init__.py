@@ -6,6 +6,8 @@ attention, KV cache, sdpa), all measured in one process on one machine.
 - `variants`: the models measured and the small model of quick runs;
 - `timing`, `peak_memory`: timed calls and the peak memory they allocate;
 - `measure`: training step, prefill and decode of one model at one length;
+- `kernels`: the machine's matmul rate and the Newton–Schulz micro-benchmark;
+- `flops`: the analytic FLOPs per token of every row, by kind;
 - `compilation`: what Dynamo compiled, and its graph breaks;
 - `runner`: `run_benchmark`, every measurement of a grid into a JSON-ready dict;
 - `goals`: the project's performance targets checked against those numbers;

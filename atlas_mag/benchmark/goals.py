@@ -10,6 +10,11 @@ from .grid import BenchmarkGrid
 from .results import lookup, ratio_of
 from .variants import ATLAS_TTL_OFF, ATLAS_TTL_ON, ATLAS_VARIANTS, LLAMA, VARIANT_LABELS
 
+# Fraction of the machine's measured matmul rate that a TTL-on prefill's analytic FLOPs should reach.
+PREFILL_MATMUL_RATE_FRACTION = 0.7
+# Speed-up of Newton–Schulz at the largest memory matrix over the direct iteration.
+NEWTON_SCHULZ_SPEEDUP = 1.5
+
 # Largest growth exponent of peak memory in length that still counts as linear: fixed costs push a linear
 # model below 1 and measurement noise a little above it; a T x T tensor drives it towards 2.
 LINEAR_MEMORY_EXPONENT = 1.25
@@ -40,6 +45,8 @@ def evaluate_goals(results: dict[str, Any], grid: BenchmarkGrid) -> list[dict[st
         *_cache_size_goals(results, grid),
         *_speed_goals(results, grid),
         *_memory_growth_goals(results, grid),
+        *_flop_rate_goals(results, grid),
+        _newton_schulz_goal(results),
     ]
 
 
@@ -146,3 +153,35 @@ def _memory_growth_goals(results: dict[str, Any], grid: BenchmarkGrid) -> list[d
                 )
             )
     return goals
+
+
+def _flop_rate_goals(results: dict[str, Any], grid: BenchmarkGrid) -> list[dict[str, Any]]:
+    """TTL-on prefill at the short and the long goal lengths: its analytic FLOPs per second at least
+    `PREFILL_MATMUL_RATE_FRACTION` of the matmul rate measured in the run."""
+    goals = []
+    for length in (grid.goal_short, grid.goal_long):
+        fraction = lookup(results, "prefill", ATLAS_TTL_ON, length, "matmul_rate_fraction")
+        goals.append(
+            _goal(
+                f"{VARIANT_LABELS[ATLAS_TTL_ON]}: prefill FLOP/s over the measured matmul rate at {length}",
+                fraction,
+                f">= {PREFILL_MATMUL_RATE_FRACTION}",
+                None if fraction is None else fraction >= PREFILL_MATMUL_RATE_FRACTION,
+            )
+        )
+    return goals
+
+
+def _newton_schulz_goal(results: dict[str, Any]) -> dict[str, Any]:
+    """Newton–Schulz of the largest memory matrix (the first call of the micro-benchmark): the direct iteration's
+    time over that of the evaluation the config chooses."""
+    rows = results.get("newton_schulz") or [None]
+    row = rows[0]
+    shape = "the largest memory matrix" if row is None else f"{row['shape'][1:]}"
+    speedup = None if row is None else row["speedup"]
+    return _goal(
+        f"Newton–Schulz at {shape}: direct ms over the chosen evaluation's",
+        speedup,
+        f">= {NEWTON_SCHULZ_SPEEDUP}",
+        None if speedup is None else speedup >= NEWTON_SCHULZ_SPEEDUP,
+    )

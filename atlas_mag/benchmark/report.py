@@ -92,9 +92,18 @@ def render_markdown(results: dict[str, Any]) -> str:
         "parentheses: against the Llama in the same row (tokens/s: higher is better; ms/token: lower is "
         "better).",
         "",
+        f"Matrix-product rate of this machine, measured in the run: {meta['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s "
+        f"({meta['matmul_probe']}). FLOP fractions below: each row's analytic matmul FLOPs (per token: base model, "
+        "attention, memory reads, memory gradients, Newton–Schulz; `atlas_mag/benchmark/flops.py`) times its "
+        "tokens/s, over that rate.",
+        "",
         "## Training step (forward + backward), tokens/s",
         "",
         *_section_table(results, "train", "length", "tokens_per_s", 0),
+        "",
+        "Fraction of the matmul rate:",
+        "",
+        *_section_table(results, "train", "length", "matmul_rate_fraction", 2),
         "",
         "Peak training memory, MiB:",
         "",
@@ -103,6 +112,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## Prefill, tokens/s",
         "",
         *_section_table(results, "prefill", "length", "tokens_per_s", 0),
+        "",
+        "Fraction of the matmul rate:",
+        "",
+        *_section_table(results, "prefill", "length", "matmul_rate_fraction", 2),
         "",
         "Peak prefill memory, MiB:",
         "",
@@ -113,11 +126,17 @@ def render_markdown(results: dict[str, Any]) -> str:
         *_section_table(results, "decode", "context", "ms_per_token", 2),
         *_no_cache_speedup_lines(results),
         "",
+        "Fraction of the matmul rate:",
+        "",
+        *_section_table(results, "decode", "context", "matmul_rate_fraction", 2),
+        "",
         "Cache after the context, KiB:",
         "",
         *_section_table(results, "decode", "context", "cache_bytes", 0, 1 / 1024),
         "",
         f"Peak memory: {meta['memory_method']}.",
+        *_flop_lines(results),
+        *_newton_schulz_lines(results),
         *_failure_lines(results),
         *_compile_lines(results),
         "",
@@ -131,6 +150,51 @@ def render_markdown(results: dict[str, Any]) -> str:
         ],
     ]
     return "\n".join(lines) + "\n"
+
+
+FLOP_KINDS = {
+    "base": "base",
+    "attention": "attention",
+    "memory_reads": "memory reads",
+    "memory_gradients": "memory gradients",
+    "newton_schulz": "Newton–Schulz",
+    "total": "total",
+}
+
+
+def _flop_lines(results: dict[str, Any]) -> list[str]:
+    """Every measured row's analytic MFLOP per token by kind, its achieved GFLOP/s and fraction of the matmul
+    rate."""
+    header = "| section | model | length | " + " | ".join(FLOP_KINDS.values()) + " | GFLOP/s | of matmul rate |"
+    lines = ["", "## Analytic FLOPs, MFLOP per token", "", header, "|---|---|" + "---:|" * (len(FLOP_KINDS) + 3)]
+    for section in ("train", "prefill", "decode"):
+        for row in results[section]:
+            if "flops_per_token" not in row:
+                continue
+            flops = [_format_number(row["flops_per_token"][kind] / 1e6, 2) for kind in FLOP_KINDS]
+            lines.append(
+                f"| {section} | {VARIANT_LABELS[row['variant']]} | {row.get('length', row.get('context'))} | "
+                + " | ".join(flops)
+                + f" | {row['flops_per_s'] / 1e9:,.1f} | {row['matmul_rate_fraction']:.2f} |"
+            )
+    return lines
+
+
+def _newton_schulz_lines(results: dict[str, Any]) -> list[str]:
+    """The Newton–Schulz micro-benchmark: per call shape of an update, both evaluations' time and error."""
+    lines = [
+        "",
+        "## Newton–Schulz per call of a TTL update (ms per call, error relative to an fp64 run)",
+        "",
+        "| [batch, m, n] | direct ms | Gram ms | direct error | Gram error | chosen | speed-up over direct |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for row in results["newton_schulz"]:
+        lines.append(
+            f"| {row['shape']} | {row['direct_ms']:.2f} | {row['gram_ms']:.2f} | {row['direct_error']:.1e} | "
+            f"{row['gram_error']:.1e} | {row['chosen']} | {row['speedup']:.2f}x |"
+        )
+    return lines
 
 
 def _failure_lines(results: dict[str, Any]) -> list[str]:

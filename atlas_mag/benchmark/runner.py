@@ -14,8 +14,10 @@ from tqdm.auto import tqdm
 
 from ..configuration_atlas import AtlasMAGConfig
 from .compilation import backend_name, compile_summary
+from .flops import row_flops_per_token
 from .goals import evaluate_goals
 from .grid import BenchmarkGrid
+from .kernels import measure_matmul_rate, measure_newton_schulz
 from .measure import measure_decode_run, measure_prefill, measure_training, summarize_decode_runs
 from .peak_memory import memory_method
 from .variants import ATLAS_COMPILED, ATLAS_TTL_ON, DECODE_ONLY_VARIANTS, LLAMA, Variant, build_variants
@@ -39,8 +41,9 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Measure every section for every variant; a measurement that fails (out of memory, a compiler error) is
     recorded with its error and the run goes on. Returns a JSON-ready dict: `meta` (machine, versions, grid,
-    model sizes), the `train`, `prefill` and `decode` rows, `compile` (what Dynamo did; with a compile backend
-    only) and `goals`."""
+    model sizes, the matmul rate), the `train`, `prefill` and `decode` rows (each with its analytic FLOPs per token,
+    achieved FLOP/s and their fraction of the matmul rate), `newton_schulz` (the micro-benchmark of
+    `kernels.measure_newton_schulz`), `compile` (what Dynamo did; with a compile backend only) and `goals`."""
     grid.validate()
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -52,14 +55,27 @@ def run_benchmark(
         atlas_config, grid.max_length, device, dtype, compile_backend, seed, compile_scope, compile_mode
     )
     meta = _meta(atlas_config, grid, variants, device, dtype, compile_backend, compile_scope, compile_mode)
+    # The machine's product rate, probed before and after the rows (a shared machine can be slower at either end);
+    # the faster probe is what the rows' FLOP/s are measured against.
+    probes = [measure_matmul_rate(device, dtype)]
     decode_cells = _cells(variants, grid.decode_contexts, grid.compile_lengths)
     tasks = _tasks(variants, grid, decode_cells)
     rows, decode_runs, decode_errors = _run_tasks(tasks, variants, grid, device, seed, progress)
+    probes.append(measure_matmul_rate(device, dtype))
+    meta["matmul_flops_per_s"] = max(probe["flops_per_s"] for probe in probes)
+    meta["matmul_probes_flops_per_s"] = [probe["flops_per_s"] for probe in probes]
+    meta["matmul_probe"] = probes[0]["probe"] + ", before and after the rows (the faster counts)"
+    meta["flops"] = "analytic matmul FLOPs per token (atlas_mag/benchmark/flops.py); elementwise work not counted"
     results: dict[str, Any] = {
         "meta": meta,
         **rows,
         "decode": [_decode_row(cell, decode_runs, decode_errors) for cell in decode_cells],
     }
+    for section in ("train", "prefill", "decode"):
+        for row in results[section]:
+            if "error" not in row:
+                row.update(_achieved_flops(section, row, variants, grid, meta["matmul_flops_per_s"]))
+    results["newton_schulz"] = measure_newton_schulz(atlas_config, grid.batch_size, grid.repeats, device, seed)
     if compile_backend is not None:
         results["compile"] = compile_summary(compile_backend)
     results["goals"] = evaluate_goals(results, grid)
@@ -96,6 +112,22 @@ def _meta(
         "llama_parameters": sum(p.numel() for p in llama.parameters()),
         "decode_ms_per_token": "median over repeats of the mean over the timed steps (memory updates amortised)",
         "training_step": "forward + backward of the next-token loss, no optimiser step",
+    }
+
+
+def _achieved_flops(
+    section: str, row: dict[str, Any], variants: dict[str, Variant], grid: BenchmarkGrid, matmul_rate: float
+) -> dict[str, Any]:
+    """A row's analytic FLOPs per token by kind, the FLOP/s its time achieves and their fraction of the matmul
+    rate."""
+    length = row["context" if section == "decode" else "length"]
+    flops = row_flops_per_token(section, variants[row["variant"]], length, grid)
+    tokens_per_s = 1000.0 / row["ms_per_token"] if section == "decode" else row["tokens_per_s"]
+    achieved = flops.total * tokens_per_s
+    return {
+        "flops_per_token": flops.as_dict(),
+        "flops_per_s": achieved,
+        "matmul_rate_fraction": achieved / matmul_rate,
     }
 
 
