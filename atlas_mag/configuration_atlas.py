@@ -159,8 +159,10 @@ class AtlasMAGConfig(PretrainedConfig):
         ttl_ns_steps (`int`, defaults to 5): Newton–Schulz iterations (the published demo used 5, training 10).
         ttl_ns_evaluation (`str`, defaults to `"auto"`): how the same Newton–Schulz function is computed:
             `"direct"` iterates on the [m, n] matrix (m <= n), `"gram"` forms the [m, m] Gram matrix once and iterates
-            on polynomials of it (fewer FLOPs when n > 1.5 m: 1.85x fewer for the [512, 2144] compression matrix),
-            `"auto"` picks the form with fewer FLOPs for each matrix shape. The results agree to fp32 rounding.
+            on polynomials of it (fewer FLOPs when n > 1.5 m: 1.85x fewer for the [512, 2144] compression matrix at
+            5 steps), `"auto"` picks the cheaper form for each matrix shape (FLOPs plus a fixed cost per kernel,
+            which keeps small matrices direct). The results agree to fp32
+            rounding (on ill-conditioned matrices the Gram form's is larger: it squares the singular values).
         ttl_backprop_through_updates (`bool`, defaults to `False`): let the outer training loss backpropagate
             through the TTL updates (second-order, memory-hungry). When off, the outer loss still trains the
             memory's initial weights and all projections through the memory reads.

@@ -22,6 +22,10 @@ from .configuration_atlas import NS_EVALUATIONS, AtlasMAGConfig
 # Newton–Schulz quintic coefficients (Muon; reference doc "Test-time learning").
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
+# What one kernel of a Newton–Schulz step costs beyond its FLOPs, in FLOPs: a small batched product took 10-15 us on
+# this project's CPU, about 1 MFLOP at its matmul rate. It keeps small matrices, where the Gram form's extra
+# kernels outweigh its FLOP savings, on the direct form.
+NS_KERNEL_COST_FLOPS = 1_000_000
 QK_EPS = 1e-6
 # Guards S / ||S|| against an all-zero momentum without changing it for any realistic one.
 NORM_FLOOR = 1e-20
@@ -499,15 +503,17 @@ def newton_schulz_flops(rows: int, cols: int, steps: int, evaluation: str) -> in
 
 
 def newton_schulz_choice(rows: int, cols: int, steps: int, evaluation: str = "auto") -> str:
-    """The evaluation `newton_schulz` runs for a [rows, cols] matrix: `evaluation` itself if forced, else the one
-    with fewer FLOPs (`newton_schulz_flops`; a tie goes to "direct"). For 2 steps or more that is "gram" exactly
-    when the long side exceeds 1.5 times the short one, whatever the number of steps."""
+    """The evaluation `newton_schulz` runs for a [rows, cols] matrix: `evaluation` itself if forced, else the
+    cheaper one, counting `newton_schulz_flops` and `NS_KERNEL_COST_FLOPS` per kernel (direct: 3 per step; Gram:
+    5 per step less one); a tie goes to "direct". Without the kernel cost that would be "gram" exactly when the
+    long side exceeds 1.5 times the short one (for 2 steps or more); with it, small matrices stay direct."""
     if evaluation not in NS_EVALUATIONS:
         raise ValueError(f"evaluation must be one of {NS_EVALUATIONS}, got {evaluation!r}")
     if evaluation != "auto":
         return evaluation
-    gram = newton_schulz_flops(rows, cols, steps, "gram")
-    return "gram" if gram < newton_schulz_flops(rows, cols, steps, "direct") else "direct"
+    gram = newton_schulz_flops(rows, cols, steps, "gram") + (5 * steps - 1) * NS_KERNEL_COST_FLOPS
+    direct = newton_schulz_flops(rows, cols, steps, "direct") + 3 * steps * NS_KERNEL_COST_FLOPS
+    return "gram" if gram < direct else "direct"
 
 
 def newton_schulz(matrix: torch.Tensor, steps: int, evaluation: str = "auto") -> torch.Tensor:
@@ -542,10 +548,10 @@ def _newton_schulz_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
     `newton_schulz_flops`); differentiable like the direct form."""
     a, b, c = NS_COEFFICIENTS
     gram = torch.matmul(x, x.transpose(-1, -2))
+    scaled_identity = a * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     product = None
     for step in range(steps):
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        poly.diagonal(dim1=-2, dim2=-1).add_(a)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) + scaled_identity
         product = poly if product is None else torch.matmul(poly, product)
         if step < steps - 1:
             # Symmetric in exact arithmetic and left to drift: averaging it with its transpose cost more time than

@@ -67,9 +67,8 @@ def test_both_forms_are_the_published_iteration_in_float64(shape, evaluation):
 
 @pytest.mark.parametrize("shape", [*WIDE_SHAPES, *[shape[::-1] for shape in WIDE_SHAPES]], ids=str)
 def test_in_float32_the_gram_form_is_as_close_to_float64_as_the_direct_form(shape):
-    """At the shapes `auto` evaluates in Gram space, on random matrices: the Gram form is at most twice as far from
-    the fp64 result as the direct form is (both are fp32 rounding, amplified alike by the iteration's slope)."""
-    assert newton_schulz_choice(*shape, STEPS) == "gram"
+    """On wide random matrices: the Gram form is at most twice as far from the fp64 result as the direct form is
+    (both are fp32 rounding, amplified alike by the iteration's slope)."""
     matrix, expected = random_wide_matrix_and_reference(min(shape), max(shape))
     if shape[0] > shape[1]:
         matrix, expected = matrix.T.contiguous(), expected.T
@@ -95,26 +94,31 @@ def test_ill_conditioned_matrices_keep_the_accuracy_a_float32_gram_matrix_holds(
         assert relative_error(newton_schulz(matrix[None], STEPS, evaluation)[0], expected) < bound
 
 
-@pytest.mark.parametrize(
-    "name, matrix",
-    [
-        ("rank 1", torch.randn(16, 1) @ torch.randn(1, 64)),
-        ("rank 3 of 24", torch.randn(24, 3) @ torch.randn(3, 96)),
-        ("rank 3 of 24, tall", torch.randn(96, 3) @ torch.randn(3, 24)),
-        ("decaying singular values", torch.randn(32, 128) * torch.logspace(0, -8, 32)[:, None]),
-        ("norm far below eps", 1e-30 * torch.randn(16, 64)),
-    ],
-    ids=lambda value: value if isinstance(value, str) else "",
-)
-def test_tiny_singular_values_behave_as_in_the_direct_form(name, matrix):
-    """A rank-deficient or nearly-zero matrix stays finite and matches the direct form. The Gram matrix squares
-    the singular values, so the rounding noise of a null space grows by a² per step where the direct form's grows
-    by a: measured 2-3x the direct form's error on a rank-1 input, hence the looser factor here."""
+def low_rank(rows, rank, cols, generator):
+    return torch.randn(rows, rank, generator=generator) @ torch.randn(rank, cols, generator=generator)
+
+
+TINY_SINGULAR_VALUES = {
+    "rank 1": lambda g: low_rank(16, 1, 64, g),
+    "rank 3 of 24": lambda g: low_rank(24, 3, 96, g),
+    "rank 3 of 24, tall": lambda g: low_rank(96, 3, 24, g),
+    "decaying singular values": lambda g: torch.randn(32, 128, generator=g) * torch.logspace(0, -8, 32)[:, None],
+    "norm far below eps": lambda g: 1e-30 * torch.randn(16, 64, generator=g),
+}
+
+
+@pytest.mark.parametrize("name", TINY_SINGULAR_VALUES)
+def test_tiny_singular_values_behave_as_in_the_direct_form(name):
+    """A rank-deficient or nearly-zero matrix stays finite and matches the fp64 result as the direct form does,
+    to the accuracy a Gram matrix holds (see the ill-conditioned test: the rounding noise of a null space grows by
+    a² per step in Gram space and by a in the direct form: 2-4x the direct form's error on rank-1 inputs, 6e-5 on
+    this 16 x 64 one, growing with the size, 2.6e-4 at 64 x 512)."""
+    matrix = TINY_SINGULAR_VALUES[name](torch.Generator().manual_seed(0))
     expected = fp64_reference(matrix)
-    direct = newton_schulz(matrix[None], STEPS, "direct")[0]
-    gram = newton_schulz(matrix[None], STEPS, "gram")[0]
-    assert torch.isfinite(gram).all()
-    assert relative_error(gram, expected) <= 4 * relative_error(direct, expected) + 4 * FP32_UNIT
+    for evaluation in ("direct", "gram"):
+        got = newton_schulz(matrix[None], STEPS, evaluation)[0]
+        assert torch.isfinite(got).all()
+        assert relative_error(got, expected) < FP32_UNIT**0.5
 
 
 def test_a_zero_matrix_stays_zero():
@@ -126,9 +130,11 @@ def test_a_zero_matrix_stays_zero():
 @pytest.mark.parametrize(
     "rows, cols, expected",
     [(512, 2144, "gram"), (2144, 512, "gram"), (64, 512, "gram"), (256, 512, "gram"), (64, 256, "gram"),
-     (512, 512, "direct"), (100, 150, "direct"), (100, 151, "gram"), (151, 100, "gram")],
+     (512, 512, "direct"), (400, 600, "direct"), (400, 640, "gram"), (640, 400, "gram"),
+     # Wide but small: the Gram form's 9 more kernels cost more than its FLOP savings.
+     (16, 128, "direct"), (64, 128, "direct"), (8, 32, "direct")],
 )
-def test_auto_picks_the_gram_form_for_wide_matrices_and_direct_for_square_ish_ones(rows, cols, expected):
+def test_auto_picks_the_gram_form_for_wide_matrices_and_direct_for_square_ish_or_small_ones(rows, cols, expected):
     assert newton_schulz_choice(rows, cols, STEPS) == expected
     assert newton_schulz_choice(rows, cols, 1) == "direct"  # one step: the same FLOPs, the direct form
     for forced in ("direct", "gram"):
@@ -153,8 +159,11 @@ def test_the_flop_formula_and_the_forced_form_against_torchs_flop_counter(shape,
 @pytest.mark.parametrize("evaluation", ["direct", "gram", "auto"])
 def test_the_config_switch_reaches_the_memory_update(evaluation):
     """`ttl_ns_evaluation` decides the form of every matrix of a Muon step: its only matrix products are
-    Newton–Schulz's."""
-    config = tiny_config(ttl_ns_evaluation=evaluation)
+    Newton–Schulz's. The memory has [64, 512] matrices (Gram under `auto`) and small ones (direct)."""
+    config = tiny_config(
+        hidden_size=512, num_attention_heads=4, memory_key_dim=64, memory_expansion=1, poly_rank=16,
+        ttl_ns_evaluation=evaluation,
+    )
     memory = AtlasMAGMemory(config)
     grads = memory.initial_state(2).map(torch.randn_like)
     counted = counted_matmul_flops(omega_update_steps, grads, None, config)
@@ -163,7 +172,7 @@ def test_the_config_switch_reaches_the_memory_update(evaluation):
         2 * newton_schulz_flops(*shape, STEPS, newton_schulz_choice(*shape, STEPS, evaluation)) for shape in matrices
     )
     assert counted == expected
-    if evaluation == "auto":  # the tiny memory has matrices of both kinds
+    if evaluation == "auto":
         assert {newton_schulz_choice(*shape, STEPS) for shape in matrices} == {"direct", "gram"}
 
 
