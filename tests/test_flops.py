@@ -104,16 +104,19 @@ def test_a_training_step_costs_three_forwards_of_the_differentiated_products(var
 
 
 def test_llama_flops_are_the_counted_matmul_flops():
-    """Decoding steps exactly; a prefill up to the upper triangle of the causal scores, which the counter charges
-    (it counts sdpa's whole square) and the model does not (a causal kernel skips it)."""
+    """Decoding steps and a prefill, the prefill up to the upper triangle of the causal scores, which the counter
+    charges (it counts sdpa's whole square) and the model does not (a causal kernel skips it). To 0.1%: Transformers
+    5.1's Llama computes its RoPE angles with a small matmul (head_dim FLOPs per position), which the counter
+    charges and the model's FLOPs leave out."""
     config = llama_config_for(tiny_config(), 64)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (BATCH, 12))
     with torch.inference_mode():
         prefill = counted(lambda: model(ids[:, :10], logits_to_keep=1))
         upper = config.num_hidden_layers * 4 * config.hidden_size * (10 * 10 - 10 * 11 // 2)
-        assert prefill == BATCH * (llama_forward_flops(config, 10, 0, logits=1).total + upper)
+        expected = BATCH * (llama_forward_flops(config, 10, 0, logits=1).total + upper)
+        assert prefill == pytest.approx(expected, rel=1e-3)
         cache = getattr(model(ids[:, :10], use_cache=True), CACHE_FIELD)
         for past in (10, 11):
             step = counted(lambda p=past: model(ids[:, p : p + 1], use_cache=True, **{CACHE_FIELD: cache}))
-            assert step == BATCH * llama_forward_flops(config, 1, past).total
+            assert step == pytest.approx(BATCH * llama_forward_flops(config, 1, past).total, rel=1e-3)
