@@ -199,7 +199,14 @@ def format_report(result: dict[str, Any]) -> str:
         f"  recall, TTL off:             {spread('ttl_off')}",
         f"  recall, memory gate removed: {spread('gate_removed')}",
         f"  chance:                      {summary['chance']:.3f} (binomial std {summary['chance_binomial_std']:.3f})",
+        "  per seed (TTL on / off / gate removed):",
     ]
+    for run in summary["runs"]:
+        accuracy = run["accuracy"]
+        lines.append(
+            f"    seed {run['seed']}: {accuracy['ttl_on']:.3f} / {accuracy['ttl_off']:.3f} / "
+            f"{accuracy['gate_removed']:.3f}"
+        )
     for gap in summary["eval_gaps"]:
         on = [run["by_gap"][str(gap)]["ttl_on"] for run in summary["runs"]]
         off = [run["by_gap"][str(gap)]["ttl_off"] for run in summary["runs"]]

@@ -295,6 +295,8 @@ def test_main_job_end_to_end(tmp_path):
     files = result["files"]
     report = format_report(result)
     assert "recall, TTL on" in report and "recall, TTL off" in report and str(files["model"]) in report
+    on, off, removed = (result["summary"]["runs"][0]["accuracy"][c] for c in ("ttl_on", "ttl_off", "gate_removed"))
+    assert f"seed 0: {on:.3f} / {off:.3f} / {removed:.3f}" in report
     model_dir = Path(files["model"])
     for name in ("config.json", "model.safetensors", "modeling_atlas.py", "configuration_atlas.py", "README.md"):
         assert (model_dir / name).is_file(), name
