@@ -495,6 +495,7 @@ class CallPlan:
             sin=sin,
             schedule=ttl_schedule(token_mask, positions, config.ttl_chunk_size) if learns else [],
             memory_gate=True,
+            # Both only matter with an `AtlasMAGCache` (which it records and which writes in place); there is none.
             unpadded=False,
             in_place=False,
         )

@@ -46,7 +46,7 @@ class AtlasMAGStateBackend(AttentionBackend):
 
     @staticmethod
     def get_name() -> str:
-        return "ATLAS_MAG_STATE"
+        return STATE_BACKEND
 
     @staticmethod
     def get_builder_cls() -> type[AtlasMAGStateMetadataBuilder]:
@@ -57,13 +57,8 @@ class AtlasMAGStateBackend(AttentionBackend):
         return True
 
 
-@dataclass
-class AtlasMAGStateMetadata(BaseMambaAttentionMetadata):
-    pass
-
-
-class AtlasMAGStateMetadataBuilder(BaseMambaAttentionMetadataBuilder[AtlasMAGStateMetadata]):
-    metadata_cls = AtlasMAGStateMetadata
+class AtlasMAGStateMetadataBuilder(BaseMambaAttentionMetadataBuilder[BaseMambaAttentionMetadata]):
+    metadata_cls = BaseMambaAttentionMetadata
     needs_causal_conv1d_metadata = False
 
 
@@ -86,6 +81,9 @@ class StateField:
 
 # The histories of a layer state, by the name of their field in `AtlasMAGLayerState`.
 HISTORIES: dict[str, type[History]] = {"attention": AttentionWindow, "qk": QKHistory, "omega": OmegaHistory}
+# A layer's vLLM tensors by part of the state ("attention", ..., "memory", "momentum"), each part's in the order of
+# its own fields, with what each holds.
+PartSlots = dict[str, list[tuple[StateField, torch.Tensor]]]
 
 
 class LayerStateLayout:
@@ -95,7 +93,7 @@ class LayerStateLayout:
     def __init__(self, config: AtlasMAGConfig, memory: AtlasMAGMemory | None, window_dtype: torch.dtype) -> None:
         heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
         # The sizes `AtlasMAGLayerState.with_attention`, `with_qk_keys` and `with_memory` keep.
-        window, keys, positions = config.sliding_window - 1, config.omega_window, config.omega_window - 1
+        window, keys, omega_positions = config.sliding_window - 1, config.omega_window, config.omega_window - 1
         state_fields = [
             StateField("attention", "keys", (heads, window, head_dim), window_dtype),
             StateField("attention", "values", (heads, window, head_dim), window_dtype),
@@ -107,10 +105,10 @@ class LayerStateLayout:
             state_fields += [
                 StateField("qk", "keys", (keys, hidden), torch.float32),
                 StateField("qk", "weights", (keys,), torch.float32),
-                StateField("omega", "queries", (positions, hidden), torch.float32),
-                StateField("omega", "values", (positions, hidden), torch.float32),
-                StateField("omega", "weights", (positions,), torch.float32),
-                StateField("omega", "valid", (positions,), torch.bool),
+                StateField("omega", "queries", (omega_positions, hidden), torch.float32),
+                StateField("omega", "values", (omega_positions, hidden), torch.float32),
+                StateField("omega", "weights", (omega_positions,), torch.float32),
+                StateField("omega", "valid", (omega_positions,), torch.bool),
             ]
             state_fields += [
                 StateField(part, name, tuple(weight.shape), torch.float32)
@@ -121,7 +119,7 @@ class LayerStateLayout:
         # aligned to its element size.
         self.fields = tuple(sorted(state_fields, key=lambda field: -field.storage_dtype.itemsize))
 
-    def slots_by_part(self, kv_cache: tuple[torch.Tensor, ...]) -> dict[str, list[tuple[StateField, torch.Tensor]]]:
+    def slots_by_part(self, kv_cache: tuple[torch.Tensor, ...]) -> PartSlots:
         """vLLM's tensors of this layer (in `fields` order, [num_blocks, *shape] each), grouped by the state's part
         and in the order of the part's own fields."""
         by_name = {(field.part, field.name): (field, slot) for field, slot in zip(self.fields, kv_cache, strict=True)}
@@ -134,9 +132,7 @@ class LayerStateLayout:
             if (part, names[0]) in by_name
         }
 
-    def read(
-        self, slots: dict[str, list[tuple[StateField, torch.Tensor]]], rows: torch.Tensor, learns: bool
-    ) -> AtlasMAGLayerState:
+    def read(self, slots: PartSlots, rows: torch.Tensor, learns: bool) -> AtlasMAGLayerState:
         """The states of the requests whose state indices are `rows` (copies: the blocks never write vLLM's
         buffers); their momentum only if they `learn` in this call (a step without an update leaves it as it is)."""
         parts = {
@@ -155,16 +151,13 @@ class LayerStateLayout:
         )
 
     def write(
-        self,
-        slots: dict[str, list[tuple[StateField, torch.Tensor]]],
-        rows: torch.Tensor,
-        state: AtlasMAGLayerState,
-        read: AtlasMAGLayerState | None,
+        self, slots: PartSlots, rows: torch.Tensor, state: AtlasMAGLayerState, continues: bool, learns: bool
     ) -> None:
-        """Store `state` (a batch of requests, computed from `read`, None for new requests) as the states of the
-        requests whose state indices are `rows`. A history shorter than its slot goes to the slot's end, after
-        invalid (zero) entries; a memory without momentum (no update yet) stores zero momentum, which the first
-        update treats alike; a memory that did not learn in this call is not written again."""
+        """Store `state` (a batch of requests) as the states of the requests whose state indices are `rows`:
+        requests that `continue` a stored state, or new ones; `learns`: whether any of them learned in this call
+        (as `read` was told). A history shorter than its slot goes to the slot's end, after invalid (zero) entries.
+        The memory and momentum of requests that continue and did not learn are left as stored; a new request
+        without momentum (no update yet) stores zero momentum, which the first update treats alike."""
         for part, history_type in HISTORIES.items():
             if part not in slots:
                 continue
@@ -176,7 +169,7 @@ class LayerStateLayout:
                     padded.narrow(dim, slot.shape[dim] - tensor.shape[dim], tensor.shape[dim]).copy_(tensor)
                     tensor = padded
                 slot.index_copy_(0, rows, tensor)
-        if self.memory_template is None or (read is not None and state.memory is read.memory):
+        if self.memory_template is None or (continues and not learns):
             return
         for part in ("memory", "momentum"):
             weights: MemoryWeights | None = getattr(state, part)
@@ -200,7 +193,7 @@ class AtlasMAGStateLayer(MambaBase, nn.Module):
             raise ValueError(f"Duplicate layer name: {prefix}")
         forward_context[prefix] = self
         self.kv_cache = (torch.tensor([]),)
-        self.slots: dict[str, list[tuple[StateField, torch.Tensor]]] = {}
+        self.slots: PartSlots = {}
 
     def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
         return tuple(field.shape for field in self.layout.fields)
@@ -219,40 +212,44 @@ class AtlasMAGStateLayer(MambaBase, nn.Module):
     def read(self, rows: torch.Tensor, learns: bool) -> AtlasMAGLayerState:
         return self.layout.read(self.slots, rows, learns)
 
-    def write(self, rows: torch.Tensor, state: AtlasMAGLayerState, read: AtlasMAGLayerState | None) -> None:
-        self.layout.write(self.slots, rows, state, read)
+    def write(self, rows: torch.Tensor, state: AtlasMAGLayerState, continues: bool, learns: bool) -> None:
+        self.layout.write(self.slots, rows, state, continues, learns)
 
 
 @dataclass(frozen=True)
 class StepRows:
-    """Requests of one vLLM step that run through the blocks as one batch: their tokens (`tokens` of the step's
-    flat token list, `batch` rows of equal length, row after row), their state indices ([batch], None in vLLM's
-    profiling run, which has no state) and whether they continue a stored state (False: new requests, whose
+    """Requests of one vLLM step that run through the blocks as one batch of rows of equal length: `tokens` [B, T]
+    indexes each row's tokens in the step's flat token list; `state_indices` [B] are their states (None in vLLM's
+    profiling run, which has none); `continues`: whether they continue a stored state (False: new requests, whose
     memory starts from the parameters)."""
 
-    tokens: slice
-    batch: int
+    tokens: torch.Tensor
     state_indices: torch.Tensor | None
     continues: bool
 
 
-def step_rows(metadata: BaseMambaAttentionMetadata | None, num_tokens: int) -> list[StepRows]:
-    """The batches of one step: all decoding requests together (one token each; vLLM puts them first), then each
-    prefill chunk on its own (its tokens continue its own history, which a batch would have to pad between)."""
+def step_rows(metadata: BaseMambaAttentionMetadata | None, num_tokens: int, device: torch.device) -> list[StepRows]:
+    """The batches of one step: all decoding requests together (one token each; vLLM puts them first), then the
+    prefill chunks, those of equal length that all start or all continue a state together (a chunk continues its
+    own history, so chunks of other lengths would need padding between history and tokens)."""
     if metadata is None:
-        return [StepRows(slice(0, num_tokens), 1, None, False)]
+        return [StepRows(torch.arange(num_tokens, device=device)[None], None, False)]
     rows = []
     decodes = metadata.num_decode_tokens
     if metadata.num_decodes:
         indices = metadata.state_indices_tensor_d.reshape(metadata.num_decodes, -1)[:, 0].long()
-        rows.append(StepRows(slice(0, decodes), metadata.num_decodes, indices, True))
+        rows.append(StepRows(torch.arange(decodes, device=device)[:, None], indices, True))
     if metadata.num_prefills:
         starts = metadata.query_start_loc_p.tolist()
         continues = metadata.has_initial_states_p.tolist()
         indices = metadata.state_indices_tensor_p.long()
+        groups: dict[tuple[int, bool], list[int]] = {}
         for index in range(metadata.num_prefills):
-            tokens = slice(decodes + starts[index], decodes + starts[index + 1])
-            rows.append(StepRows(tokens, 1, indices[index : index + 1], continues[index]))
+            groups.setdefault((starts[index + 1] - starts[index], continues[index]), []).append(index)
+        for (length, continued), members in groups.items():
+            first = torch.tensor([decodes + starts[index] for index in members], device=device)
+            tokens = first[:, None] + torch.arange(length, device=device)
+            rows.append(StepRows(tokens, indices[members], continued))
     return rows
 
 
@@ -294,30 +291,31 @@ class AtlasMAGForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if intermediate_tensors is not None:
-            raise NotImplementedError("Atlas-MAG on vLLM does not support pipeline parallelism.")
+        """The final hidden states of the step's flat tokens at their absolute `positions`, each request's
+        blocks continuing its own state (`intermediate_tensors` is always None: pipeline parallelism is refused
+        at startup)."""
         embeds = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         hidden_states = embeds + self.model.w_init
         metadata = get_forward_context().attn_metadata
         if metadata is not None:
             metadata = metadata[self.state_layers[0].prefix]
         output = torch.zeros_like(hidden_states)
-        for rows in step_rows(metadata, hidden_states.shape[0]):
+        for rows in step_rows(metadata, hidden_states.shape[0], hidden_states.device):
             output[rows.tokens] = self._run_blocks(hidden_states[rows.tokens], positions[rows.tokens], rows)
         return self.model.norm(output)
 
     def _run_blocks(self, hidden_states: torch.Tensor, positions: torch.Tensor, rows: StepRows) -> torch.Tensor:
-        """The blocks' output for one batch of a step's requests, reading and writing their states."""
-        num_tokens = hidden_states.shape[0]
-        hidden_states = hidden_states.view(rows.batch, num_tokens // rows.batch, -1)
-        call = CallPlan.for_positions(self.config, positions.view(rows.batch, -1))
+        """The blocks' output [B, T, hidden] for one batch of a step's requests, reading and writing their
+        states."""
+        call = CallPlan.for_positions(self.config, positions)
+        learns = bool(call.schedule)
         for block, state_layer in zip(self.model.layers, self.state_layers, strict=True):
-            state = state_layer.read(rows.state_indices, learns=bool(call.schedule)) if rows.continues else None
+            state = state_layer.read(rows.state_indices, learns) if rows.continues else None
             step = block(hidden_states, state, call)
             if rows.state_indices is not None:
-                state_layer.write(rows.state_indices, step.state, state)
+                state_layer.write(rows.state_indices, step.state, rows.continues, learns)
             hidden_states = step.hidden_states
-        return hidden_states.reshape(num_tokens, -1)
+        return hidden_states
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)
@@ -328,7 +326,7 @@ class AtlasMAGForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         loaded = set()
         for name, tensor in weights:
             if name not in parameters:
-                raise KeyError(f"The checkpoint holds {name!r}, which an Atlas-MAG model of this config does not have")
+                raise ValueError(f"The checkpoint holds {name!r}, which an Atlas-MAG model of this config lacks")
             parameters[name].data.copy_(tensor)
             loaded.add(name)
         if self.config.tie_word_embeddings:
@@ -336,5 +334,5 @@ class AtlasMAGForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             loaded.add("lm_head.weight")
         missing = sorted(set(parameters) - loaded)
         if missing:
-            raise KeyError(f"The checkpoint lacks {len(missing)} weights of this model: {', '.join(missing[:5])}")
+            raise ValueError(f"The checkpoint lacks {len(missing)} weights of this model: {', '.join(missing[:5])}")
         return loaded

