@@ -18,6 +18,7 @@ from .configuration_atlas import AtlasMAGConfig
 from .ops_atlas import (
     MemoryWeights,
     TTLUpdate,
+    columns,
     keep_last,
     rotary_cos_sin,
     ttl_schedule,
@@ -498,6 +499,29 @@ class CallPlan:
             # Both only matter with an `AtlasMAGCache` (which it records and which writes in place); there is none.
             unpadded=False,
             in_place=False,
+        )
+
+    def chunk_pieces(self, chunk_size: int) -> list[tuple[int, int]]:
+        """The [start, end) columns of this call cut at every TTL chunk boundary: each piece but the first and
+        the last is one whole chunk. An unpadded call's boundaries are its positions' (`positions_seen + column`
+        a multiple of `chunk_size`); a padded batch, whose sequences sit at different positions, is cut every
+        `chunk_size` columns from its first."""
+        length = self.token_mask.shape[1]
+        past = self.cache.positions_seen if self.unpadded and self.cache is not None else 0
+        first_end = min(length, chunk_size - past % chunk_size)
+        ends = [*range(first_end, length, chunk_size), length]
+        return list(zip([0, *ends[:-1]], ends, strict=True))
+
+    def piece(self, start: int, end: int) -> CallPlan:
+        """This (multi-token) plan for the columns [start, end) only, as a call that continues the earlier
+        columns' states: the same masks, angles and updates there."""
+        schedule = [(column - start, rows) for column, rows in self.schedule if start <= column < end]
+        return replace(
+            self,
+            token_mask=columns(self.token_mask, 1, start, end),
+            cos=columns(self.cos, 2, start, end),
+            sin=columns(self.sin, 2, start, end),
+            schedule=schedule,
         )
 
     def layer_states(self) -> list[AtlasMAGLayerState | None]:

@@ -18,6 +18,7 @@ This file is copied next to published weights: it imports only `transformers`, `
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, NoReturn
 
@@ -34,7 +35,7 @@ from transformers.utils import can_return_tuple
 from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState, AttentionWindow, CallPlan, extend
 from .configuration_atlas import AtlasMAGConfig
 from .memory_atlas import AtlasMAGMemory, MemoryStep
-from .ops_atlas import apply_rotary, sliding_window_attention
+from .ops_atlas import apply_rotary, columns, sliding_window_attention
 
 # ---------------------------------------------------------------------------------------------------------------
 # Outputs and arguments
@@ -304,6 +305,18 @@ class AtlasMAGPreTrainedModel(PreTrainedModel):
     # The memory cannot be rolled back to a subset of tokens (no assisted generation).
     _is_stateful = True
 
+    def compile_by_chunk(self, **compile_options: Any) -> None:
+        """Compile each block (`torch.compile` with `compile_options`) so that serving any prompt length reuses
+        the same graphs: multi-token calls then run every block one TTL chunk at a time, so every whole chunk of
+        every prompt has the shapes of a few graphs compiled in warm-up (the first chunks, while the windows
+        fill, and the steady state); the ragged chunks at a call's ends run eagerly, and one-token (decoding)
+        steps compiled as they are. Compiling the blocks alone instead unrolls a call's TTL chunk loop, so each
+        new prompt length compiles anew."""
+        backbone = self.base_model
+        backbone.runs_by_chunk = True
+        for block in backbone.layers:
+            block.compile(**compile_options)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -332,6 +345,8 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         self.layers = nn.ModuleList(AtlasMAGBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = AtlasMAGRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Set by `compile_by_chunk`: multi-token calls run each block one TTL chunk at a time.
+        self.runs_by_chunk = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -397,7 +412,7 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         steps = []
         for layer, layer_state in zip(self.layers, call.layer_states(), strict=True):
-            step = layer(hidden_states, layer_state, call)
+            step = self._layer_step(layer, hidden_states, layer_state, call)
             hidden_states = step.hidden_states
             steps.append(step)
             if output_hidden_states:
@@ -410,6 +425,29 @@ class AtlasMAGModel(AtlasMAGPreTrainedModel):
             hidden_states=all_hidden_states,
             ttl_gradient_norms=(norm_sums / call.update_counts()[:, None]).detach(),
             **{CACHE_FIELD: call.cache},
+        )
+
+    def _layer_step(
+        self, layer: AtlasMAGBlock, hidden_states: torch.Tensor, layer_state: AtlasMAGLayerState | None, call: CallPlan
+    ) -> LayerStep:
+        """`layer` over the call: at once, or (`runs_by_chunk`, a multi-token call) one TTL chunk after another,
+        each piece continuing the state the previous one returned, which gives the same outputs and state."""
+        if not self.runs_by_chunk or hidden_states.shape[1] == 1:
+            return layer(hidden_states, layer_state, call)
+        chunk_size = self.config.ttl_chunk_size
+        steps = []
+        for start, end in call.chunk_pieces(chunk_size):
+            # A ragged piece (at a call's ends) runs eagerly: compiled, each of its lengths would compile anew.
+            ragged = end - start != chunk_size
+            with torch.compiler.set_stance("force_eager") if ragged else nullcontext():
+                step = layer(columns(hidden_states, 1, start, end), layer_state, call.piece(start, end))
+            layer_state = step.state
+            steps.append(step)
+        norms = [step.gradient_norms for step in steps if step.gradient_norms is not None]
+        return LayerStep(
+            torch.cat([step.hidden_states for step in steps], dim=1),
+            layer_state,
+            torch.stack(norms).sum(0) if norms else None,
         )
 
     def _input_embeddings(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:

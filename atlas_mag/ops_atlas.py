@@ -61,6 +61,12 @@ def keep_last(tensor: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
     return torch.empty_like(kept).copy_(kept)
 
 
+def columns(tensor: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
+    """The entries [start, end) along `dim` in a tensor of their own: a view's strides would carry the length of
+    the whole tensor, and a compiled graph guards on strides (it would compile anew for every such length)."""
+    return tensor.narrow(dim, start, end - start).clone(memory_format=torch.contiguous_format)
+
+
 def sliding_window_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor, window: int
 ) -> torch.Tensor:

@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config, word_tokenizer
 from reference_forward import reference_logits
+from torch._dynamo.testing import CompileCounter
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from atlas_mag import AtlasMAGCache, AtlasMAGConfig, AtlasMAGForCausalLM, ops_atlas
+from atlas_mag.cache_atlas import CallPlan
 from atlas_mag.compat import disable_activation_checkpointing, enable_activation_checkpointing
 from atlas_mag.modeling_atlas import CACHE_FIELD
 from atlas_mag.ops_atlas import ttl_schedule, unpadded_ttl_schedule
@@ -629,6 +631,96 @@ def test_inductor_compiled_prefill_keeps_only_the_windows():
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
     eager_bytes, compiled_bytes = expected.cache.nbytes(), got.cache.nbytes()
     assert compiled_bytes <= 1.05 * eager_bytes, (compiled_bytes, eager_bytes)
+
+
+def test_compiled_by_chunk_compiles_nothing_for_a_new_prompt_length():
+    """After one warm-up prompt and its decoding, prompts of 2, 3 and 5 TTL chunks (two of them ragged) and their
+    decoding compile no graph, and give eager's logits and greedy tokens; compiling the blocks alone compiles
+    anew for each new number of chunks (the loop over them is unrolled)."""
+    config = tiny_config(ttl_chunk_size=8, omega_window=8)  # 2 chunks already fill the sliding window of 16
+    chunk = config.ttl_chunk_size
+    torch._dynamo.reset()
+    eager = AtlasMAGForCausalLM(config).eval()
+    compiled = AtlasMAGForCausalLM(config).eval()
+    compiled.load_state_dict(eager.state_dict())
+    counter = CompileCounter()  # counts the graphs and runs them as captured
+    compiled.compile_by_chunk(backend=counter)
+
+    def prefill_and_decode(model, ids):
+        with torch.inference_mode():
+            logits = model(ids, ttl=True).logits
+            tokens = model.generate(ids, max_new_tokens=2 * chunk, do_sample=False)
+        return logits, tokens
+
+    prefill_and_decode(compiled, torch.randint(4, config.vocab_size, (1, 3 * chunk)))  # warm-up
+    graphs = counter.frame_count
+    assert graphs > 0
+    for length in (2 * chunk + 3, 3 * chunk, 5 * chunk + 5):
+        ids = torch.randint(4, config.vocab_size, (1, length))
+        logits, tokens = prefill_and_decode(compiled, ids)
+        assert counter.frame_count == graphs, f"{length} tokens compiled {counter.frame_count - graphs} graphs"
+        expected_logits, expected_tokens = prefill_and_decode(eager, ids)
+        torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-5)
+        assert torch.equal(tokens, expected_tokens)
+
+    torch._dynamo.reset()
+    blocks_counter = CompileCounter()
+    for block in compiled.model.layers:
+        block.compile(backend=blocks_counter)
+    compiled.model.runs_by_chunk = False
+    with torch.inference_mode():
+        compiled(torch.randint(4, config.vocab_size, (1, chunk)), ttl=True)
+        before = blocks_counter.frame_count
+        compiled(torch.randint(4, config.vocab_size, (1, 2 * chunk)), ttl=True)
+    assert blocks_counter.frame_count > before
+
+
+def test_running_by_chunk_gives_the_outputs_of_whole_calls():
+    """What `compile_by_chunk` changes besides compiling: each block runs a call one TTL chunk at a time. A
+    left-padded batch (cut every chunk of columns, its sequences learning mid-piece) and a call that continues its
+    cache from mid-chunk (ragged pieces at both ends) give the logits, TTL gradient norms and learned memory of
+    whole calls. A small `ttl_lr`, so that fp32 rounding (the pieces sum attention and Q-K projections in another
+    order) is not amplified by what the memory learns."""
+    config = tiny_config(ttl_lr=0.02)
+    eager = AtlasMAGForCausalLM(config).eval()
+    by_chunk = AtlasMAGForCausalLM(config).eval()
+    by_chunk.load_state_dict(eager.state_dict())
+    by_chunk.model.runs_by_chunk = True
+    ids = torch.randint(4, config.vocab_size, (2, 19))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    more = torch.randint(4, config.vocab_size, (2, 11))
+    outputs = []
+    for model in (by_chunk, eager):
+        with torch.inference_mode():
+            first = model(ids, attention_mask=mask, ttl=True)
+            full_mask = torch.cat([mask, torch.ones_like(more)], dim=1)
+            second = model(more, attention_mask=full_mask, cache=first.cache, ttl=True)
+        outputs.append((first, second))
+    (got_first, got_second), (expected_first, expected_second) = outputs
+    for got, expected in ((got_first, expected_first), (got_second, expected_second)):
+        torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.ttl_gradient_norms, expected.ttl_gradient_norms, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(got_second.cache.memory_states(), expected_second.cache.memory_states(), strict=True):
+        for got_tensor, expected_tensor in zip(got.tensors(), expected.tensors(), strict=True):
+            torch.testing.assert_close(got_tensor, expected_tensor, rtol=1e-5, atol=1e-6)
+
+    unpadded = torch.randint(4, config.vocab_size, (1, 6))
+    continued = torch.randint(4, config.vocab_size, (1, 13))  # positions 6..18: pieces of 2, 4, 4 and 3 tokens
+    results = []
+    for model in (by_chunk, eager):
+        with torch.inference_mode():
+            cache = model(unpadded, ttl=True).cache
+            results.append(model(continued, cache=cache, ttl=True).logits)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-5)
+
+    embeds = torch.zeros(1, 13, config.hidden_size)
+    with torch.inference_mode():
+        cache = eager(unpadded, ttl=True).cache
+    continued_plan = CallPlan.for_call(config, embeds, None, cache, True, True, True)
+    assert continued_plan.chunk_pieces(4) == [(0, 2), (2, 6), (6, 10), (10, 13)]
+    padded_plan = CallPlan.for_call(config, embeds, torch.ones(1, 13), None, True, True, True)
+    assert padded_plan.chunk_pieces(4) == [(0, 4), (4, 8), (8, 12), (12, 13)]
 
 
 def test_torch_export_of_a_cache_free_forward_gives_eager_logits():
