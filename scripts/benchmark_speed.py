@@ -56,8 +56,10 @@ def main() -> None:
     parser.add_argument(
         "--compile-scope",
         choices=COMPILE_SCOPES,
-        default="model",
-        help="compile the whole forward (model) or each block (blocks: regional compilation, much faster to compile)",
+        default="chunks",
+        help="compile each block and run it one TTL chunk at a time (chunks, the default: after warm-up a new "
+        "prompt length compiles nothing), each block over the whole call (blocks: every new number of TTL chunks "
+        "compiles anew) or the whole forward (model: slowest to compile)",
     )
     parser.add_argument(
         "--compile-mode",
@@ -77,7 +79,8 @@ def main() -> None:
     parser.add_argument(
         "--compile-lengths",
         type=lengths,
-        help="prefill lengths and decode contexts of the compiled row (each prefill length compiles anew)",
+        help="prefill lengths and decode contexts of the compiled row (outside the chunks scope, each prefill "
+        "length compiles anew)",
     )
     parser.add_argument("--decode-tokens", type=int, help="timed decode steps per context")
     parser.add_argument("--repeats", type=int)

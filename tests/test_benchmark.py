@@ -342,14 +342,44 @@ def test_script_refuses_bad_lengths():
             script.lengths(bad)
 
 
-def test_regional_compilation_compiles_each_block_of_a_copy():
+@pytest.mark.parametrize("scope", ["chunks", "blocks"])
+def test_regional_compilation_compiles_each_block_of_a_copy(scope):
     config = tiny_config()
-    variants = build_variants(config, 64, torch.device("cpu"), torch.float32, "eager", compile_scope="blocks")
+    variants = build_variants(config, 64, torch.device("cpu"), torch.float32, "eager", compile_scope=scope)
     compiled, eager = variants[ATLAS_COMPILED], variants[ATLAS_TTL_ON]
     assert compiled.model is not eager.model
     assert all(block._compiled_call_impl is not None for block in compiled.model.model.layers)
+    assert compiled.model.model.runs_by_chunk == (scope == "chunks") and not eager.model.model.runs_by_chunk
     ids = torch.randint(4, config.vocab_size, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=ids).logits, eager(input_ids=ids).logits, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="compile_scope"):
         build_variants(config, 64, torch.device("cpu"), torch.float32, "eager", compile_scope="layers")
+
+
+def test_compiled_by_chunk_row_compiles_only_at_its_first_prefill_length():
+    """The compiled row (scope chunks) at three prefill lengths: the first (6 TTL chunks, enough to fill the
+    windows) compiles, the next two compile no graph; the report gives each length's compile cost."""
+    torch.manual_seed(0)
+    grid = BenchmarkGrid(
+        train_lengths=(8,),
+        prefill_lengths=(24, 32, 44),
+        decode_contexts=(24,),
+        decode_tokens=4,
+        repeats=1,
+        warmup=1,
+        batch_size=1,
+        goal_short=24,
+        goal_long=44,
+        goal_decode_near=24,
+        goal_decode_far=24,
+        goal_decode_vs_llama_from=24,
+        compile_lengths=(24, 32, 44),
+    )
+    results = run_benchmark(tiny_config(), grid, "cpu", compile_backend="eager", progress=False)
+    compiled = [row for row in results["prefill"] if row["variant"] == ATLAS_COMPILED]
+    assert [row["length"] for row in compiled] == [24, 32, 44]
+    assert compiled[0]["graphs_compiled"] > 0
+    assert [row["graphs_compiled"] for row in compiled[1:]] == [0, 0]
+    assert results["meta"]["compile_scope"] == "chunks"
+    assert "32 tokens: " in render_markdown(results) and "(0 new graphs)" in render_markdown(results)

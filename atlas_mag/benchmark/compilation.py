@@ -27,6 +27,11 @@ def _short_graph_break_reason(text: str) -> str:
     return summary
 
 
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled since its counters were last cleared."""
+    return torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
+
+
 def compile_summary(backend: str | Callable[..., Any]) -> dict[str, Any]:
     """What Dynamo did during the run (its global counters, cleared when the run starts): graphs compiled,
     frames it gave up on, and the graph breaks by reason."""
@@ -37,7 +42,7 @@ def compile_summary(backend: str | Callable[..., Any]) -> dict[str, Any]:
         breaks[short] = breaks.get(short, 0) + count
     return {
         "backend": backend_name(backend),
-        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+        "unique_graphs": compiled_graphs(),
         "frames": counters["frames"].get("total", 0),
         "frames_compiled": counters["frames"].get("ok", 0),
         "graph_breaks": sum(breaks.values()),

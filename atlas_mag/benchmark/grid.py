@@ -83,7 +83,8 @@ QUICK_GRID = BenchmarkGrid(
     goal_decode_near=256,
     goal_decode_far=32768,
     goal_decode_vs_llama_from=2048,
-    compile_lengths=(256,),
+    # Three prompt lengths: after the first, compiled by chunk, a new length compiles nothing.
+    compile_lengths=(256, 512, 1024),
     no_cache_decode_tokens=2,
 )
 

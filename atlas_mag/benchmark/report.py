@@ -214,10 +214,17 @@ def _compile_lines(results: dict[str, Any]) -> list[str]:
     compile_info = results.get("compile")
     if compile_info is None:
         return []
+    compiled = [row for row in results["prefill"] if row["variant"] == ATLAS_COMPILED and "error" not in row]
     first_calls = [
-        f"{row['length']} tokens: {row['first_call_seconds']:.1f} s"
-        for row in results["prefill"]
-        if row["variant"] == ATLAS_COMPILED and row.get("first_call_seconds") is not None
+        f"{row['length']} tokens: {row['first_call_seconds']:.1f} s, compiling "
+        f"{row['first_call_seconds'] - row['seconds']:.1f} s ({row['graphs_compiled']} new graphs)"
+        for row in compiled
+        if row.get("first_call_seconds") is not None
+    ]
+    decode_graphs = [
+        f"{row['context']}: {row['graphs_compiled']}"
+        for row in results["decode"]
+        if row["variant"] == ATLAS_COMPILED and "graphs_compiled" in row
     ]
     lines = [
         "",
@@ -226,8 +233,10 @@ def _compile_lines(results: dict[str, Any]) -> list[str]:
         "",
         f"Dynamo compiled {compile_info['unique_graphs']} graphs from {compile_info['frames']} frames "
         f"({compile_info['frames_compiled']} traced) with {compile_info['graph_breaks']} graph breaks. "
-        f"First prefill call (compilation included): {', '.join(first_calls) or 'none'}. Its decode row "
-        "is timed after untimed steps that compile the decode graphs (two TTL chunks).",
+        "First prefill call of each length, in running order (compilation included; compiling: the first call "
+        f"less the median warm one): {'; '.join(first_calls) or 'none'}. Its decode row is timed after untimed "
+        "steps that compile the decode graphs (two TTL chunks); new graphs over each context's decode runs "
+        f"(their prefills included): {', '.join(decode_graphs) or 'none'}.",
     ]
     if compile_info["graph_break_reasons"]:
         lines += ["", "Graph breaks (count, reason):", ""]

@@ -92,7 +92,7 @@ class Variant:
         return self.forward(**kwargs, **self.extra_kwargs)
 
 
-COMPILE_SCOPES = ("model", "blocks")
+COMPILE_SCOPES = ("chunks", "blocks", "model")
 
 
 def build_variants(
@@ -102,16 +102,18 @@ def build_variants(
     dtype: torch.dtype,
     compile_backend: str | Callable[..., Any] | None,
     seed: int = 0,
-    compile_scope: str = "model",
+    compile_scope: str = "chunks",
     compile_mode: str | None = None,
 ) -> dict[str, Variant]:
     """The Atlas model (TTL on and off share its weights) and the same-size Llama, randomly initialised, and a
     decode-only baseline: the same Atlas weights generating the way the original implementation does (no cache,
     the whole prefix recomputed for every token, TTL off as in its `eval()`; our attention kernels, so the
-    original's T x T masks make it slower still). The compiled variant wraps the same module
-    (`compile_scope="model"`: `torch.compile` of the whole forward) or a copy whose blocks are compiled one by
-    one (`"blocks"`, regional compilation: one graph serves every layer, so compiling takes a fraction of the
-    time). `compile_mode` is `torch.compile`'s mode (e.g. "reduce-overhead": CUDA graphs on a GPU)."""
+    original's T x T masks make it slower still). The compiled variant is a copy whose blocks are compiled and
+    run one TTL chunk at a time (`compile_scope="chunks"`, `compile_by_chunk`: the same graphs serve every
+    layer and every prompt length), a copy whose blocks are compiled one by one (`"blocks"`, regional
+    compilation: every new number of TTL chunks compiles anew) or the same module (`"model"`: `torch.compile`
+    of the whole forward). `compile_mode` is `torch.compile`'s mode (e.g. "reduce-overhead": CUDA graphs on a
+    GPU)."""
     torch.manual_seed(seed)
     atlas = AtlasMAGForCausalLM(atlas_config).to(device=device, dtype=dtype)
     llama = LlamaForCausalLM(llama_config_for(atlas_config, max_length)).to(device=device, dtype=dtype)
@@ -127,8 +129,11 @@ def build_variants(
             compiled_model, compiled_forward = atlas, torch.compile(atlas, backend=compile_backend, mode=compile_mode)
         else:
             compiled_model = compiled_forward = copy.deepcopy(atlas)
-            for block in compiled_model.model.layers:
-                block.compile(backend=compile_backend, mode=compile_mode)
+            if compile_scope == "chunks":
+                compiled_model.compile_by_chunk(backend=compile_backend, mode=compile_mode)
+            else:
+                for block in compiled_model.model.layers:
+                    block.compile(backend=compile_backend, mode=compile_mode)
         variants[ATLAS_COMPILED] = Variant(
             ATLAS_COMPILED,
             compiled_model,
