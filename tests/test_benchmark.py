@@ -382,4 +382,4 @@ def test_compiled_by_chunk_row_compiles_only_at_its_first_prefill_length():
     assert compiled[0]["graphs_compiled"] > 0
     assert [row["graphs_compiled"] for row in compiled[1:]] == [0, 0]
     assert results["meta"]["compile_scope"] == "chunks"
-    assert "32 tokens: " in render_markdown(results) and "(0 new graphs)" in render_markdown(results)
+    assert "32 tokens: " in render_markdown(results) and "(new graphs: 0)" in render_markdown(results)

@@ -217,7 +217,7 @@ def _compile_lines(results: dict[str, Any]) -> list[str]:
     compiled = [row for row in results["prefill"] if row["variant"] == ATLAS_COMPILED and "error" not in row]
     first_calls = [
         f"{row['length']} tokens: {row['first_call_seconds']:.1f} s, compiling "
-        f"{row['first_call_seconds'] - row['seconds']:.1f} s ({row['graphs_compiled']} new graphs)"
+        f"{max(0.0, row['first_call_seconds'] - row['seconds']):.1f} s (new graphs: {row['graphs_compiled']})"
         for row in compiled
         if row.get("first_call_seconds") is not None
     ]
@@ -234,9 +234,10 @@ def _compile_lines(results: dict[str, Any]) -> list[str]:
         f"Dynamo compiled {compile_info['unique_graphs']} graphs from {compile_info['frames']} frames "
         f"({compile_info['frames_compiled']} traced) with {compile_info['graph_breaks']} graph breaks. "
         "First prefill call of each length, in running order (compilation included; compiling: the first call "
-        f"less the median warm one): {'; '.join(first_calls) or 'none'}. Its decode row is timed after untimed "
-        "steps that compile the decode graphs (two TTL chunks); new graphs over each context's decode runs "
-        f"(their prefills included): {', '.join(decode_graphs) or 'none'}.",
+        "less the median warm one, 0 where timing noise makes that negative): "
+        f"{'; '.join(first_calls) or 'none'}. Its decode row is timed after untimed steps that compile the "
+        "decode graphs (two TTL chunks); new graphs over each context's decode runs (their prefills included): "
+        f"{', '.join(decode_graphs) or 'none'}.",
     ]
     if compile_info["graph_break_reasons"]:
         lines += ["", "Graph breaks (count, reason):", ""]
