@@ -310,7 +310,7 @@ class AtlasMAGPreTrainedModel(PreTrainedModel):
         the same graphs: multi-token calls then run every block one TTL chunk at a time, so every whole chunk of
         every prompt has the shapes of a few graphs compiled in warm-up (the first chunks, while the windows
         fill, and the steady state); the ragged chunks at a call's ends run eagerly, and one-token (decoding)
-        steps compiled as they are. Compiling the blocks alone instead unrolls a call's TTL chunk loop, so each
+        steps run compiled as they are. Compiling the blocks alone instead unrolls a call's TTL chunk loop, so each
         new prompt length compiles anew."""
         backbone = self.base_model
         backbone.runs_by_chunk = True
