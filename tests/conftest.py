@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -8,7 +9,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from atlas_mag import AtlasMAGConfig  # noqa: E402
+from atlas_mag import AtlasMAGConfig, AtlasMAGForCausalLM  # noqa: E402
+from atlas_mag.hub import save_model_folder  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -48,6 +50,14 @@ def word_tokenizer(vocab_size: int = 97):
 def tiny_config(**overrides) -> AtlasMAGConfig:
     """A small config whose windows and chunks are short enough to cross many times in a short test."""
     return AtlasMAGConfig(**{**TINY, **overrides})
+
+
+def save_tiny_model(output_dir: Path) -> Path:
+    """A tiny model and its word tokenizer saved as a model folder at `output_dir`, for the tests that serve a
+    folder. Larger weights, as in test_generation: a random model whose greedy output does not repeat one token."""
+    torch.manual_seed(0)
+    model = AtlasMAGForCausalLM(tiny_config(initializer_range=0.2))
+    return save_model_folder(model, output_dir, tokenizer=word_tokenizer())
 
 
 @pytest.fixture(autouse=True)

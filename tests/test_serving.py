@@ -13,12 +13,10 @@ from pathlib import Path
 import openai  # the serving extra (`make setup-serving`); Makefile's test-oldest leaves this file out
 import pytest
 import torch
-from conftest import tiny_config, word_tokenizer
+from conftest import save_tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from atlas_mag import AtlasMAGForCausalLM
-from atlas_mag.hub import save_model_folder
 from atlas_mag.serving import (
     free_port,
     health,
@@ -36,10 +34,7 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    # Larger weights, as in test_generation: a random model whose greedy output does not repeat one token.
-    torch.manual_seed(0)
-    model = AtlasMAGForCausalLM(tiny_config(initializer_range=0.2))
-    return save_model_folder(model, tmp_path_factory.mktemp("serve") / "model", tokenizer=word_tokenizer())
+    return save_tiny_model(tmp_path_factory.mktemp("serve") / "model")
 
 
 @pytest.fixture(scope="module")

