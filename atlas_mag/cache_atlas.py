@@ -19,7 +19,6 @@ from .ops_atlas import (
     MemoryWeights,
     TTLUpdate,
     columns,
-    keep_last,
     rotary_cos_sin,
     ttl_schedule,
     unpadded_ttl_schedule,
@@ -55,7 +54,12 @@ class History:
         return type(self)(*(torch.cat([old, added], dim) for old, added, dim in pairs))
 
     def last(self: AnyHistory, keep: int) -> AnyHistory:
-        return type(self)(*(keep_last(t, keep, dim) for t, dim in zip(self.tensors(), self.TIME_DIMS, strict=True)))
+        """The last `keep` positions, copied (`columns`) so that the cache does not pin the longer history."""
+        length = self.length
+        if length <= keep:
+            return self
+        pairs = zip(self.tensors(), self.TIME_DIMS, strict=True)
+        return type(self)(*(columns(tensor, dim, length - keep, length) for tensor, dim in pairs))
 
     def in_time_order(self: AnyHistory, ring_steps: int) -> AnyHistory:
         """A ring buffer that has taken `ring_steps` writes, rolled back into time order."""

@@ -50,20 +50,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
-def keep_last(tensor: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
-    """The last `keep` entries along `dim`, copied so the cache does not pin the longer tensor's storage (and
-    holds exactly the same bytes however it was built)."""
-    if tensor.shape[dim] <= keep:
-        return tensor
-    kept = tensor.narrow(dim, tensor.shape[dim] - keep, keep)
-    # Copied into a new tensor rather than `clone()`d: inductor returns the clone of a slice as a view of the whole
-    # buffer, so a compiled prefill's cache held every position of the prompt.
-    return torch.empty_like(kept).copy_(kept)
-
-
 def columns(tensor: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
-    """The entries [start, end) along `dim` in a tensor of their own: a view's strides would carry the length of
-    the whole tensor, and a compiled graph guards on strides (it would compile anew for every such length)."""
+    """The entries [start, end) along `dim` (not the first) in a contiguous tensor of their own: a view's strides
+    would carry the length of the whole tensor, and a compiled graph guards on strides (it would compile anew for
+    every such length); a view kept in the cache would pin the whole tensor's storage."""
+    # The contiguous format also keeps it a copy when compiled: inductor drops a `clone()` that keeps its input's
+    # strides (a plain one of a slice does when the dims before `dim` have size 1), leaving a view of the whole buffer.
     return tensor.narrow(dim, start, end - start).clone(memory_format=torch.contiguous_format)
 
 
