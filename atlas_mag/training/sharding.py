@@ -62,11 +62,9 @@ def shard_model(model: nn.Module, accelerator: Accelerator) -> nn.Module:
     """Shard `model` in place over all processes with FSDP2: each `AtlasMAGBlock` is a unit (its parameters are
     gathered for its forward and backward, then freed) and the root holds the rest (embeddings, tied head, final
     norm). Under mixed precision its forward runs in Accelerate's autocast, as a prepared model's does."""
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-    except ImportError as error:
-        raise ValueError(f"`training.sharding: fsdp2` needs torch >= 2.6 (FSDP2's fully_shard): {error}") from error
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     model.to(accelerator.device)
     for module in list(model.modules()):
         for name, param in list(module.named_parameters(recurse=False)):
