@@ -1,7 +1,8 @@
 # `make main` sets everything up and runs the main job; `make test` sets everything up and runs the tests;
 # `make serve` serves the main job's saved model (or MODEL=folder) with `transformers serve` on 127.0.0.1:8000;
 # `make lm-eval` runs lm-evaluation-harness on it (or MODEL=folder), TTL on and off; `make serve-vllm` serves it with
-# vLLM (in a venv of its own) on 127.0.0.1:8000.
+# vLLM (in a venv of its own) on 127.0.0.1:8000; `make niah-lm` pretrains a small language model on the standard
+# library's text with needle documents and runs the needle-in-a-haystack benchmark on it (NIAH_ARGS: more options).
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # The oldest allowed releases (constraints-oldest.txt) in a venv of their own.
@@ -19,10 +20,12 @@ SERVE_ARGS ?=
 # memory it reserves for request states (on the CPU it would otherwise reserve 92% of the machine's).
 VLLM_ARGS ?=
 VLLM_STATE_BYTES ?= 1073741824
+# More options for scripts/train_niah_lm.py, e.g. NIAH_ARGS="--set training.max_steps=100".
+NIAH_ARGS ?=
 # More options for scripts/evaluate_lm_eval.py, e.g. LM_EVAL_ARGS="--limit 64 --tasks atlas_recall_gen".
 LM_EVAL_ARGS ?=
 
-.PHONY: setup setup-oldest setup-serving setup-evaluation setup-vllm main serve serve-vllm lm-eval test test-newest \
+.PHONY: setup setup-oldest setup-serving setup-evaluation setup-vllm main niah-lm serve serve-vllm lm-eval test test-newest \
 	test-oldest test-vllm lint clean
 
 setup: $(VENV)/.installed
@@ -73,6 +76,9 @@ $(VENV_VLLM)/.installed: setup.cfg pyproject.toml constraints.txt
 
 main: setup
 	$(PYTHON) scripts/main_job.py
+
+niah-lm: setup
+	$(PYTHON) scripts/train_niah_lm.py $(NIAH_ARGS)
 
 serve: setup-serving
 	$(PYTHON) scripts/serve.py $(MODEL) $(SERVE_ARGS)

@@ -15,16 +15,23 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<bos
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int = 32000, min_frequency: int = 2
+    texts: Iterable[str], vocab_size: int = 32000, min_frequency: int = 2, split_digits: bool = False
 ) -> PreTrainedTokenizerFast:
     """Train a ByteLevel BPE on `texts`, laid out like the published tokenizer: the four special tokens take
-    ids 0-3 in the order `<pad> <unk> <bos> <eos>`, then the 256 byte symbols, then the merges."""
+    ids 0-3 in the order `<pad> <unk> <bos> <eos>`, then the 256 byte symbols, then the merges. `split_digits`
+    makes every digit a token of its own (as Llama's and SmolLM's tokenizers do), so a number of n digits is n
+    tokens whatever its value."""
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(
             f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (specials + bytes), got {vocab_size}"
         )
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

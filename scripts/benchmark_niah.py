@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/niah"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--digits", type=int, default=6, help="digits of each needle's secret number")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -38,6 +39,7 @@ def main() -> None:
         conditions=args.conditions.split(","),
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
+        num_digits=args.digits,
     )
     results["model"] = str(args.model)
     written = write_niah_report(results, args.output_dir)

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--max-documents", type=int, default=None, help="train on at most this many documents")
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--min-frequency", type=int, default=2)
+    parser.add_argument("--split-digits", action="store_true", help="every digit a token of its own")
     parser.add_argument("--output", required=True, help="folder to save the tokenizer into")
     args = parser.parse_args()
     try:
@@ -38,7 +39,9 @@ def main() -> None:
             args.data = str(write_jsonl(stdlib_documents(), args.stdlib_corpus))
         spec = DataSource(args.data, args.name, args.split, args.from_hub, text_field=args.text_field)
         texts = (row["text"] for row in islice(load_source(spec), args.max_documents) if row["text"])
-        tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+        tokenizer = train_bpe_tokenizer(
+            texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency, split_digits=args.split_digits
+        )
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from error
     tokenizer.save_pretrained(args.output)

@@ -11,6 +11,11 @@ the question and the start of the answer ("... The secret number for <name> is")
   `x + attn(x)`, so only the sliding window can carry the needle.
 
 Filler and needles come from a seeded generator (no files, no network): the same seed gives the same prompts.
+
+`NeedleDocuments` makes the training side: documents of real text (a language model's training data) with facts
+in the same template stated at random depths and asked at the end, so a model can learn to answer them. Their
+names are never one of `NAMES` and their filler is the training text, so the benchmark's needles and filler are
+never seen in training.
 """
 
 from __future__ import annotations
@@ -57,6 +62,26 @@ ENDINGS = (
 )  # fmt: skip
 
 
+# Training names are made of these syllables (2-3 of them), never one of NAMES.
+SYLLABLES = (
+    "ka", "lo", "mi", "ra", "zu", "be", "no", "ti", "sa", "ve", "do", "ri", "fu", "ga", "pe", "xo", "lu", "ne",
+    "wa", "yo", "ha", "ki", "mo", "su",
+)  # fmt: skip
+
+
+def needle_sentence(name: str, answer: str) -> str:
+    return f" The secret number for {name} is {answer}."
+
+
+def question_sentence(name: str) -> str:
+    """The question and the start of its answer: the model's continuation is the answer."""
+    return f" What is the secret number for {name}? The secret number for {name} is"
+
+
+def random_answer(rng: random.Random, num_digits: int) -> str:
+    return str(rng.randrange(10 ** (num_digits - 1), 10**num_digits))
+
+
 def filler_sentence(rng: random.Random) -> str:
     return f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(ENDINGS)}."
 
@@ -93,8 +118,7 @@ def shortest_context(tokenizer: PreTrainedTokenizerBase, num_digits: int = 6) ->
     prefix = 1 if tokenizer.bos_token_id is not None else 0
     probe = "9" * num_digits
     longest = max(
-        len(_encode(tokenizer, f" The secret number for {name} is {probe}."))
-        + len(_encode(tokenizer, f" What is the secret number for {name}? The secret number for {name} is"))
+        len(_encode(tokenizer, needle_sentence(name, probe))) + len(_encode(tokenizer, question_sentence(name)))
         for name in NAMES
     )
     return prefix + longest + 4
@@ -109,10 +133,10 @@ def build_prompt(
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     name = rng.choice(NAMES)
-    answer = str(rng.randrange(10 ** (num_digits - 1), 10**num_digits))
+    answer = random_answer(rng, num_digits)
     prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    needle = _encode(tokenizer, f" The secret number for {name} is {answer}.")
-    question = _encode(tokenizer, f" What is the secret number for {name}? The secret number for {name} is")
+    needle = _encode(tokenizer, needle_sentence(name, answer))
+    question = _encode(tokenizer, question_sentence(name))
     budget = length - len(prefix) - len(needle) - len(question)
     if budget < 0:
         raise ValueError(
@@ -138,6 +162,68 @@ def build_prompt(
         needle_start=len(prefix) + cut,
         needle_depth=cut / budget if budget else 1.0,
     )
+
+
+def training_name(rng: random.Random) -> str:
+    while True:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if name not in NAMES:
+            return name
+
+
+@dataclass(frozen=True)
+class NeedleDocuments:
+    """Training documents for retrieval: `needles` facts ("The secret number for <name> is <digits>.") at
+    uniformly random depths of `min_filler_tokens`..`max_filler_tokens` tokens of filler cut from training text,
+    then every fact asked and answered in random order (" What is the secret number for <name>? The secret number
+    for <name> is <digits>."). A language model trained on them with the next-token loss learns to answer the
+    questions; when the filler is longer than its receptive field without TTL, only the memory can carry the
+    facts there. The names are `training_name`s, never the benchmark's."""
+
+    needles: int = 2
+    num_digits: int = 4
+    min_filler_tokens: int = 32
+    max_filler_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("needles", "num_digits", "min_filler_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"NeedleDocuments.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_filler_tokens < self.min_filler_tokens:
+            raise ValueError(
+                f"NeedleDocuments.max_filler_tokens ({self.max_filler_tokens}) is below min_filler_tokens "
+                f"({self.min_filler_tokens})"
+            )
+
+    def document(self, tokenizer: PreTrainedTokenizerBase, filler_ids: Sequence[int], rng: random.Random) -> str:
+        """One document's text, its filler a random run of `filler_ids` (token ids of training text)."""
+        length = rng.randint(self.min_filler_tokens, self.max_filler_tokens)
+        if len(filler_ids) < length:
+            raise ValueError(f"the filler text has {len(filler_ids)} tokens, fewer than the {length} needed")
+        start = rng.randrange(len(filler_ids) - length + 1)
+        filler = filler_ids[start : start + length]
+        names: list[str] = []
+        while len(names) < self.needles:
+            name = training_name(rng)
+            if name not in names:
+                names.append(name)
+        answers = [random_answer(rng, self.num_digits) for _ in names]
+        cuts = sorted(rng.randrange(length + 1) for _ in names)
+        pieces = [tokenizer.decode(filler[: cuts[0]])]
+        for index, (name, answer) in enumerate(zip(names, answers, strict=True)):
+            end = cuts[index + 1] if index + 1 < len(cuts) else length
+            pieces += [needle_sentence(name, answer), tokenizer.decode(filler[cuts[index] : end])]
+        for index in rng.sample(range(len(names)), len(names)):
+            pieces.append(f"{question_sentence(names[index])} {answers[index]}.")
+        return "".join(pieces)
+
+    def documents(
+        self, tokenizer: PreTrainedTokenizerBase, filler_texts: Sequence[str], count: int, seed: int
+    ) -> list[str]:
+        """`count` documents with filler from `filler_texts` (concatenated), the same ones for the same seed."""
+        filler_ids = [token for text in filler_texts for token in _encode(tokenizer, text)]
+        rng = random.Random(f"needle-documents-{seed}")
+        return [self.document(tokenizer, filler_ids, rng) for _ in range(count)]
 
 
 def first_number(text: str) -> str | None:
@@ -173,20 +259,23 @@ def run_niah(
     conditions: Sequence[str] = tuple(CONDITIONS),
     seed: int = 0,
     max_new_tokens: int = 12,
+    num_digits: int = 6,
 ) -> dict[str, Any]:
-    """Score every (condition, length, depth) cell on `samples_per_cell` prompts; the prompts of a cell are the
-    same under every condition. Returns a JSON-ready dict (see `write_niah_report`)."""
+    """Score every (condition, length, depth) cell on `samples_per_cell` prompts of `num_digits`-digit needles;
+    the prompts of a cell are the same under every condition. Returns a JSON-ready dict (see
+    `write_niah_report`)."""
     unknown = [condition for condition in conditions if condition not in CONDITIONS]
     if unknown:
         raise ValueError(f"unknown condition(s) {unknown}; expected a subset of {tuple(CONDITIONS)}")
     if samples_per_cell < 1:
         raise ValueError(f"samples_per_cell must be >= 1, got {samples_per_cell}")
     if not lengths:
-        lengths = default_lengths(model.config.sliding_window, shortest_context(tokenizer))
+        shortest = shortest_context(tokenizer, num_digits)
+        lengths = default_lengths(model.config.sliding_window, shortest)
         if not lengths:
             raise ValueError(
-                f"every default context length is too short for the needle and question "
-                f"({shortest_context(tokenizer)} tokens); pass lengths explicitly"
+                f"every default context length is too short for the needle and question ({shortest} tokens); "
+                "pass lengths explicitly"
             )
     lengths = list(lengths)
     model.eval()
@@ -194,7 +283,9 @@ def run_niah(
     grid = [(length, depth) for length in lengths for depth in depths]
     for length, depth in tqdm(grid, desc="NIAH cells", unit="cell"):
         prompts = [
-            build_prompt(tokenizer, length, depth, random.Random(f"niah-{seed}-{length}-{depth}-{index}"))
+            build_prompt(
+                tokenizer, length, depth, random.Random(f"niah-{seed}-{length}-{depth}-{index}"), num_digits
+            )
             for index in range(samples_per_cell)
         ]
         for condition in conditions:
@@ -236,6 +327,7 @@ def run_niah(
         "samples_per_cell": samples_per_cell,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
+        "num_digits": num_digits,
         "cells": cells,
     }
 

@@ -59,14 +59,16 @@ def evaluate_perplexity(
     segment_length: int = 512,
     ttl_settings: Iterable[bool] = (True, False),
     progress: bool = False,
+    first_bucket: int = 128,
 ) -> dict[str, Any]:
     """Token-level perplexity over `documents` for each TTL setting, overall and by position in the document
-    (the memory's effect grows with the context read so far)."""
+    (the memory's effect grows with the context read so far), in position ranges doubling from
+    `first_bucket`."""
     from tqdm.auto import tqdm
 
     model.eval()
     max_length = max(len(document) for document in documents)
-    buckets = position_buckets(max_length)
+    buckets = position_buckets(max_length, first_bucket)
     results: dict[str, Any] = {"documents": len(documents), "segment_length": segment_length, "settings": {}}
     for ttl in ttl_settings:
         nll_sum = torch.zeros(len(buckets), dtype=torch.float64)

@@ -247,6 +247,14 @@ def stdlib_documents(max_files: int | None = None, max_chars: int | None = None)
     return [document for document in documents if document.strip()]
 
 
+def python_docs_documents() -> list[str]:
+    """The Python documentation's reference topics as the standard library ships them for `help()`
+    (`pydoc_data.topics`), one document per topic, in topic order: English prose, offline."""
+    from pydoc_data.topics import topics
+
+    return [text for _, text in sorted(topics.items()) if text.strip()]
+
+
 def write_jsonl(documents: Sequence[str], path: str | Path) -> Path:
     """Write documents as JSON lines `{"text": ...}` (atomically, so no half-written file)."""
     return write_text(path, "".join(json.dumps({TEXT_COLUMN: document}) + "\n" for document in documents))
