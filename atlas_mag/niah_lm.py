@@ -55,11 +55,12 @@ class NeedleLMSettings:
     # Training text is cut into passages of about this many characters at line ends, so that a passage and a
     # needle document are of similar length (the mixture's probabilities are per document).
     passage_chars: int = 1000
-    needles: NeedleDocuments = NeedleDocuments(needles=2, num_digits=4, min_filler_tokens=32, max_filler_tokens=224)
+    # One fact per document, as the benchmark asks: with two, the recall models retrieve about one of them.
+    needles: NeedleDocuments = NeedleDocuments(needles=1, num_digits=4, min_filler_tokens=32, max_filler_tokens=224)
     needle_documents: int = 6000
     held_out_needle_documents: int = 64
     # The benchmark: context lengths as multiples of the sliding window, needle depths, prompts per cell.
-    window_multiples: tuple[int, ...] = (4, 8, 16)
+    window_multiples: tuple[int, ...] = (8, 16, 32)
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     samples_per_cell: int = 8
     # Held-out documents for the loss by position, and their length in windows.

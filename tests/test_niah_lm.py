@@ -129,7 +129,7 @@ def test_niah_lm_job_end_to_end_and_resumes(tmp_path):
         needles=NeedleDocuments(needles=1, num_digits=3, min_filler_tokens=16, max_filler_tokens=40),
         needle_documents=40,
         held_out_needle_documents=8,
-        window_multiples=(8,),
+        window_multiples=(16,),
         depths=(0.0, 1.0),
         samples_per_cell=1,
         perplexity_documents=2,
@@ -139,7 +139,7 @@ def test_niah_lm_job_end_to_end_and_resumes(tmp_path):
     root = tmp_path / "niah_lm"
     assert (root / "train" / "final" / "model.safetensors").is_file()
     saved = json.loads((root / "niah_lm_results.json").read_text())
-    assert saved["steps"] == 2 and saved["receptive_field_without_ttl"] == 2 * 15
+    assert saved["steps"] == 2 and saved["receptive_field_without_ttl"] == 2 * 7
     assert set(saved["niah_by_reach"]) == {"ttl_on", "ttl_off", "gate_removed"}
     niah = json.loads((root / "niah" / "niah_results.json").read_text())
     assert niah["lengths"] == [128] and niah["num_digits"] == 3
@@ -147,7 +147,7 @@ def test_niah_lm_job_end_to_end_and_resumes(tmp_path):
     perplexity = json.loads((root / "perplexity.json").read_text())
     assert set(perplexity["settings"]) == {"ttl_on", "ttl_off"}
     assert perplexity["settings"]["ttl_on"]["by_position"][0] == {
-        **perplexity["settings"]["ttl_on"]["by_position"][0], "start": 0, "end": 16
+        **perplexity["settings"]["ttl_on"]["by_position"][0], "start": 0, "end": 8
     }
     assert (root / "loss_by_position.png").read_bytes().startswith(PNG_MAGIC)
     assert "exact match, needle beyond / within" in format_report(result)
