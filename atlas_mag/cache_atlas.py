@@ -430,6 +430,9 @@ class CallPlan:
     memory_gate: bool  # False: every block is `x + attn(x)`, the memory neither read nor trained
     unpadded: bool  # no sequence has ever held padding
     in_place: bool  # a one-token step under no_grad: full windows act as ring buffers
+    # The memory after the call is read again (a cache or the caller keeps the state); without it, an update
+    # after the call's last position only gives its gradient norms (nothing reads the memory it would make).
+    keeps_memory: bool
 
     @classmethod
     def for_call(
@@ -482,6 +485,7 @@ class CallPlan:
             # A decoding step writes into the cached windows in place (at commit); under autograd they might be
             # saved for backward, so a step that records gradients takes the copying path.
             in_place=cache is not None and length == 1 and not torch.is_grad_enabled(),
+            keeps_memory=cache is not None,
         )
 
     @classmethod
@@ -503,6 +507,7 @@ class CallPlan:
             # Both only matter with an `AtlasMAGCache` (which it records and which writes in place); there is none.
             unpadded=False,
             in_place=False,
+            keeps_memory=True,
         )
 
     def chunk_pieces(self, chunk_size: int) -> list[tuple[int, int]]:
@@ -518,10 +523,12 @@ class CallPlan:
 
     def piece(self, start: int, end: int) -> CallPlan:
         """This (multi-token) plan for the columns [start, end) only, as a call that continues the earlier
-        columns' states: the same masks, angles and updates there."""
+        columns' states: the same masks, angles and updates there (a piece before the last keeps its memory for
+        the next one)."""
         schedule = [(column - start, rows) for column, rows in self.schedule if start <= column < end]
         return replace(
             self,
+            keeps_memory=self.keeps_memory or end < self.token_mask.shape[1],
             token_mask=columns(self.token_mask, 1, start, end),
             cos=columns(self.cos, 2, start, end),
             sin=columns(self.sin, 2, start, end),

@@ -18,10 +18,11 @@ from .ops_atlas import (
     MemoryForward,
     MemoryWeights,
     TTLUpdate,
+    gradient_norms,
     memory_forward,
     memory_loss_gradients,
     omega_decay_oldest_first,
-    omega_update_steps,
+    omega_update,
     qk_projection,
     qk_projection_one_query,
     unpadded_ttl_schedule,
@@ -131,15 +132,18 @@ class AtlasMAGMemory(nn.Module):
         state: AtlasMAGLayerState,
         schedule: list[TTLUpdate],
         in_place: bool,
+        keeps_memory: bool = True,
     ) -> MemoryStep:
         """The memory's part of an Atlas-MAG block: the Q-K projection of the attention's `query` over the past
         keys (each [B, T, hidden], fp32; `token_weights` are gamma times the real-token mask), then
-        `read_and_learn`. `in_place`: one new position over full histories, which act as ring buffers."""
+        `read_and_learn`. `in_place`: one new position over full histories, which act as ring buffers.
+        `keeps_memory=False`: nothing reads the memory after this call (see `read_and_learn`)."""
         new_keys = QKHistory(key, token_weights)
         if not in_place:
             keys = extend(state.qk, new_keys)
             queries = qk_projection(query, keys.keys, keys.weights, self.config)
-            read = self.read_and_learn(MemoryInputs(queries, value, token_weights, token_mask), state, schedule)
+            inputs = MemoryInputs(queries, value, token_weights, token_mask)
+            read = self.read_and_learn(inputs, state, schedule, keeps_memory=keeps_memory)
             state = state.with_qk_keys(keys, self.config)
             state = state.with_memory(read.omega, read.memory, read.momentum, self.config)
             return MemoryStep(read.output, state, read.gradient_norms)
@@ -163,7 +167,12 @@ class AtlasMAGMemory(nn.Module):
         return change_sq.sqrt() / initial_sq.sqrt().clamp(min=1e-12)
 
     def read_and_learn(
-        self, inputs: MemoryInputs, state: AtlasMAGLayerState, schedule: list[TTLUpdate], in_place: bool = False
+        self,
+        inputs: MemoryInputs,
+        state: AtlasMAGLayerState,
+        schedule: list[TTLUpdate],
+        in_place: bool = False,
+        keeps_memory: bool = True,
     ) -> MemoryRead:
         """Read the memory at every new position and learn at every update of `schedule` (see `ttl_schedule`).
 
@@ -171,7 +180,8 @@ class AtlasMAGMemory(nn.Module):
         it read the updated memory. Returns the output [B, T, hidden], the memory and momentum after the call, the
         Omega history with the new positions and each sequence's summed gradient norm over the call's updates
         ([B], or None). `in_place`: one new position over a full Omega history (decoding), see
-        `_read_and_learn_in_place`.
+        `_read_and_learn_in_place`. `keeps_memory=False` (no cache, e.g. a training step): an update after the
+        last position gives its gradient norms but no new memory (the memory returned is the one before it).
         """
         if in_place:
             return self._read_and_learn_in_place(inputs, state, schedule)
@@ -195,7 +205,8 @@ class AtlasMAGMemory(nn.Module):
             start = column + 1
             selection = (slice(None), window) if rows is None else (rows, window)
             fitted = OmegaHistory(*(tensor[selection] for tensor in history.tensors()))
-            memory, momentum, norms = self._learn(memory, momentum, rows, fitted, read if reuse else None)
+            update = keeps_memory or column < queries.shape[1] - 1
+            memory, momentum, norms = self._learn(memory, momentum, rows, fitted, read if reuse else None, update)
             gradient_norms.append(norms)
         if start < queries.shape[1]:
             outputs.append(memory_forward(memory, queries[:, start:], config).output)
@@ -227,10 +238,12 @@ class AtlasMAGMemory(nn.Module):
         rows: torch.Tensor | None,
         window: OmegaHistory,
         forward: MemoryForward | None = None,
-    ) -> tuple[MemoryWeights, MemoryWeights, torch.Tensor]:
+        update: bool = True,
+    ) -> tuple[MemoryWeights, MemoryWeights | None, torch.Tensor]:
         """One Omega-rule step for the sequences in `rows` (None: all of them) over their `window`; the others
         keep their memory. Returns the memory, the momentum and each sequence's mean gradient norm [B] (0 for rows
-        that did not learn)."""
+        that did not learn). `update=False`: the gradient norms only, the memory and momentum as they were (for
+        a last update whose memory nothing reads: Newton–Schulz and the step are skipped)."""
         config = self.config
         every_row = rows is None
         selected = memory if every_row else memory.map(lambda tensor: tensor[rows])
@@ -247,16 +260,21 @@ class AtlasMAGMemory(nn.Module):
                 inputs = tuple(t.detach() for t in inputs)
                 learn_state = selected.map(torch.Tensor.detach)
             grads, _ = memory_loss_gradients(learn_state, *inputs, config, forward)
-            steps, new_momentum, grad_norms = omega_update_steps(grads, selected_momentum, config)
-        decayed = torch._foreach_mul(selected.tensors(), config.ttl_decay)
-        updated = selected.with_tensors(torch._foreach_sub(decayed, steps.tensors()))
+        if update:
+            # Outside the no-grad block: the outer loss reaches the memory's parameters through the decay term.
+            updated, new_momentum, grad_norms = omega_update(selected, grads, selected_momentum, config)
+        else:
+            grad_norms = gradient_norms(grads)
         row_norms = grad_norms.float().mean(1)
+        if not every_row:
+            row_norms = row_norms.new_zeros(memory.proj_down.shape[0]).index_copy(0, rows, row_norms)
+        if not update:
+            return memory, momentum, row_norms
         if every_row:
             return updated, new_momentum, row_norms
         if momentum is None:
             momentum = memory.map(torch.zeros_like)
-        batch_norms = row_norms.new_zeros(memory.proj_down.shape[0]).index_copy(0, rows, row_norms)
-        return _with_rows(memory, rows, updated), _with_rows(momentum, rows, new_momentum), batch_norms
+        return _with_rows(memory, rows, updated), _with_rows(momentum, rows, new_momentum), row_norms
 
 
 def _with_rows(whole: MemoryWeights, rows: torch.Tensor, part: MemoryWeights) -> MemoryWeights:

@@ -290,7 +290,15 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         with torch.autocast(device_type=normed.device.type, enabled=False):
             query, key, value = (_merge_heads(x).float() for x in qkv)
             return self.memory.block_forward(
-                query, key, value, gamma * call.token_mask, call.token_mask, state, call.schedule, in_place
+                query,
+                key,
+                value,
+                gamma * call.token_mask,
+                call.token_mask,
+                state,
+                call.schedule,
+                in_place,
+                call.keeps_memory,
             )
 
 

@@ -519,13 +519,20 @@ def newton_schulz(matrix: torch.Tensor, steps: int, evaluation: str = "auto") ->
     (X X^T and X^T X give the same polynomial in X). `evaluation` ("auto", "direct" or "gram", see
     `newton_schulz_choice`) only changes how the same function is computed."""
     transposed = matrix.shape[-2] > matrix.shape[-1]
-    x = matrix.transpose(-1, -2) if transposed else matrix
-    x = x / (_sequence_norm(x) + NS_EPS)[:, None, None]
-    if newton_schulz_choice(x.shape[-2], x.shape[-1], steps, evaluation) == "gram":
-        x = _newton_schulz_gram(x, steps)
-    else:
-        x = _newton_schulz_direct(x, steps)
+    left, right = _newton_schulz_factors(matrix.transpose(-1, -2) if transposed else matrix, steps, evaluation)
+    x = right if left is None else torch.matmul(left, right)
     return x.transpose(-1, -2) if transposed else x
+
+
+def _newton_schulz_factors(x: torch.Tensor, steps: int, evaluation: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Newton–Schulz of wide [B, m, n] matrices (m <= n) as `left @ right` (`left` None: `right` itself), so that
+    a caller can fold scales into the m x m `left` and its own terms into that last product. The Gram form's
+    `right` is `x` as given: its normalisation goes into the m x m Gram matrix and `left` (no pass over x)."""
+    norms = _per_sequence(_sequence_norm(x) + NS_EPS, x)
+    if newton_schulz_choice(x.shape[-2], x.shape[-1], steps, evaluation) == "gram":
+        gram = torch.matmul(x, x.transpose(-1, -2)) / norms.square()
+        return _newton_schulz_gram(gram, steps) / norms, x
+    return None, _newton_schulz_direct(x / norms, steps)
 
 
 def _newton_schulz_direct(x: torch.Tensor, steps: int) -> torch.Tensor:
@@ -539,13 +546,12 @@ def _newton_schulz_direct(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
-def _newton_schulz_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
+def _newton_schulz_gram(gram: torch.Tensor, steps: int) -> torch.Tensor:
     """`_newton_schulz_direct` evaluated on m x m matrices: every iterate is X_k = P_k X_0 with P_k a polynomial
-    in G = X_0 X_0^T, so A_k = X_k X_k^T and Q_k = aI + bA_k + cA_k² are polynomials in G too (they commute), and
-    A_{k+1} = Q_k A_k Q_k, P_{k+1} = Q_k P_k, X_K = P_K X_0. Fewer FLOPs when n is well above m (see
-    `newton_schulz_flops`); differentiable like the direct form."""
+    in G = X_0 X_0^T (`gram`, of the normalised X_0), so A_k = X_k X_k^T and Q_k = aI + bA_k + cA_k² are
+    polynomials in G too (they commute), and A_{k+1} = Q_k A_k Q_k, P_{k+1} = Q_k P_k. Returns P_K (X_K = P_K X_0).
+    Fewer FLOPs when n is well above m (see `newton_schulz_flops`); differentiable like the direct form."""
     a, b, c = NS_COEFFICIENTS
-    gram = torch.matmul(x, x.transpose(-1, -2))
     scaled_identity = a * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     product = None
     for step in range(steps):
@@ -555,41 +561,68 @@ def _newton_schulz_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
             # Symmetric in exact arithmetic and left to drift: averaging it with its transpose cost more time than
             # the ~15% of error it saved, and only on low-rank inputs.
             gram = torch.matmul(poly, torch.matmul(gram, poly))
-    return torch.matmul(product, x)
+    return product
 
 
-def newton_schulz_grouped(matrices: list[torch.Tensor], steps: int, evaluation: str = "auto") -> list[torch.Tensor]:
-    """`newton_schulz` of several [B, m, n] matrices, one batched call per shape of their smaller Gram side
-    (each slice is normalised by its own norm, so batching changes nothing but the number of calls: in the
-    published model proj_down and proj_up^T are both [64, 512])."""
-    oriented = [matrix.transpose(-1, -2) if matrix.shape[-2] > matrix.shape[-1] else matrix for matrix in matrices]
+def newton_schulz_steps_grouped(
+    weights: list[torch.Tensor],
+    matrices: list[torch.Tensor],
+    rates: list[torch.Tensor],
+    decay: float,
+    steps: int,
+    evaluation: str = "auto",
+) -> list[torch.Tensor]:
+    """`decay * weight - rate * newton_schulz(matrix)` for each [B, m, n] weight and matrix, with a rate per
+    sequence [B]: one batched Newton–Schulz per shape of the smaller Gram side (each slice is normalised by its
+    own norm, so batching changes nothing but the number of calls: in the published model proj_down and
+    proj_up^T are both [64, 512]). The decay and the rate ride on the last product (one kernel: no separate pass
+    over the weights for the normalisation, the step or the decay)."""
+
+    def oriented(matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.transpose(-1, -2) if matrix.shape[-2] > matrix.shape[-1] else matrix
+
     groups: dict[tuple[int, ...], list[int]] = {}
-    for index, matrix in enumerate(oriented):
-        groups.setdefault(tuple(matrix.shape[1:]), []).append(index)
-    results = list(matrices)
+    for index, matrix in enumerate(matrices):
+        groups.setdefault(tuple(oriented(matrix).shape[1:]), []).append(index)
+    results = list(weights)
     for indices in groups.values():
-        stacked = oriented[indices[0]] if len(indices) == 1 else torch.cat([oriented[index] for index in indices])
-        parts = newton_schulz(stacked, steps, evaluation).split(oriented[indices[0]].shape[0])
-        for index, part in zip(indices, parts, strict=True):
-            results[index] = part if oriented[index] is matrices[index] else part.transpose(-1, -2)
+        moments = _stacked([oriented(matrices[index]) for index in indices])
+        weight = _stacked([oriented(weights[index]) for index in indices])
+        scale = _per_sequence(_stacked([rates[index] for index in indices]), weight)
+        left, right = _newton_schulz_factors(moments, steps, evaluation)
+        if left is None:
+            updated = torch.addcmul(decay * weight, right, scale, value=-1)
+        else:
+            updated = torch.baddbmm(weight, left * scale, right, beta=decay, alpha=-1)
+        for index, part in zip(indices, updated.split(matrices[indices[0]].shape[0]), strict=True):
+            results[index] = part if oriented(matrices[index]) is matrices[index] else part.transpose(-1, -2)
     return results
 
 
-def omega_update_steps(
-    grads: MemoryWeights, momentum: MemoryWeights | None, config: AtlasMAGConfig
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def gradient_norms(grads: MemoryWeights) -> torch.Tensor:
+    """Each sequence's norm of every weight's gradient [B, n_weights]."""
+    return torch.stack([_sequence_norm(grad) for grad in grads.tensors()], dim=1)
+
+
+def omega_update(
+    weights: MemoryWeights, grads: MemoryWeights, momentum: MemoryWeights | None, config: AtlasMAGConfig
 ) -> tuple[MemoryWeights, MemoryWeights, torch.Tensor]:
-    """One optimiser step of the memory: momentum `S = theta S + g`, then the step `eta * update(S)` that
-    `W = alpha W - step` applies. Muon orthogonalises matrices with Newton–Schulz and normalises vectors and the
-    scalar by their norm; plain descent (OmegaNet) uses S as is. Returns steps, new momentum and the gradient
-    norms [B, n_weights] (for the adaptive learning rate and for diagnostics)."""
+    """One optimiser step of the memory: momentum `S = theta S + g`, then `W = alpha W - eta * update(S)`.
+    Muon orthogonalises matrices with Newton–Schulz and normalises vectors and the scalar by their norm; plain
+    descent (OmegaNet) uses S as is. Returns the new weights and momentum and the gradient norms [B, n_weights]
+    (for the adaptive learning rate and for diagnostics)."""
     # Elementwise work on every weight at once goes through `torch._foreach_*` (one dispatch, one kernel launch
     # per list instead of one per weight); norms are per sequence, so they stay per weight.
     grad_list = grads.tensors()
-    grad_norms = torch.stack([_sequence_norm(grad) for grad in grad_list], dim=1)
+    grad_norms = gradient_norms(grads)
     if momentum is None:
         moments = grad_list
     else:
-        moments = torch._foreach_add(torch._foreach_mul(momentum.tensors(), config.ttl_momentum), grad_list)
+        moments = torch._foreach_add(grad_list, momentum.tensors(), alpha=config.ttl_momentum)
     if config.ttl_adaptive_lr:
         # eta / (1 + ||g||), the reference rule. Muon's directions are bounded, so that bounds its steps; plain
         # descent applies S itself, and a gradient that shrinks after large ones leaves S far longer than g, which
@@ -603,21 +636,33 @@ def omega_update_steps(
         learning_rates = list((config.ttl_lr / divisors).unbind(1))
     else:
         learning_rates = [torch.full_like(grad_norms[:, 0], config.ttl_lr)] * len(grad_list)
-    directions = list(moments)
+    weight_list = weights.tensors()
+    updated = list(weight_list)
+    matrix_indices = []
     if config.memory_optimizer != "gd":
         matrix_indices = [index for index, moment in enumerate(moments) if moment.dim() == 3]
-        orthogonalised = newton_schulz_grouped(
-            [moments[index] for index in matrix_indices], config.ttl_ns_steps, config.ttl_ns_evaluation
+        orthogonalised = newton_schulz_steps_grouped(
+            [weight_list[index] for index in matrix_indices],
+            [moments[index] for index in matrix_indices],
+            [learning_rates[index] for index in matrix_indices],
+            config.ttl_decay,
+            config.ttl_ns_steps,
+            config.ttl_ns_evaluation,
         )
-        for index, direction in zip(matrix_indices, orthogonalised, strict=True):
-            directions[index] = direction
+        for index, weight in zip(matrix_indices, orthogonalised, strict=True):
+            updated[index] = weight
         for index, moment in enumerate(moments):
             if moment.dim() != 3:
                 # A vector or the scalar moves along S / ||S||: the division goes into its learning rate.
                 learning_rates[index] = learning_rates[index] / _sequence_norm(moment).clamp(min=NORM_FLOOR)
-    scales = [_per_sequence(rate, direction) for rate, direction in zip(learning_rates, directions, strict=True)]
-    steps = grads.with_tensors(torch._foreach_mul(directions, scales))
-    return steps, grads.with_tensors(moments), grad_norms
+    rest = [index for index in range(len(weight_list)) if index not in matrix_indices]
+    if rest:
+        decayed = torch._foreach_mul([weight_list[index] for index in rest], config.ttl_decay)
+        scales = [_per_sequence(learning_rates[index], moments[index]) for index in rest]
+        stepped = torch._foreach_addcmul(decayed, [moments[index] for index in rest], scales, value=-1)
+        for index, weight in zip(rest, stepped, strict=True):
+            updated[index] = weight
+    return weights.with_tensors(updated), grads.with_tensors(moments), grad_norms
 
 
 # One TTL update: the column (position in the call) after which it happens, and the batch rows that learn there

@@ -15,8 +15,8 @@ from atlas_mag.ops_atlas import (
     memory_loss_gradients,
     monomial_blocks,
     newton_schulz,
-    newton_schulz_grouped,
-    omega_update_steps,
+    newton_schulz_steps_grouped,
+    omega_update,
 )
 
 MEMORY_VARIANTS = {
@@ -186,16 +186,19 @@ def test_update_steps_follow_the_reference_rule_with_momentum(adaptive_lr):
     config = tiny_config(ttl_adaptive_lr=adaptive_lr)
     state = random_state(config, batch=2).map(torch.Tensor.double)
     grads, momentum = state.map(torch.randn_like), state.map(torch.randn_like)
-    steps, new_momentum, grad_norms = omega_update_steps(grads, momentum, config)
-    weights = zip(grads.tensors(), momentum.tensors(), new_momentum.tensors(), steps.tensors(), strict=True)
-    for index, (grad, old_moment, new_moment, step) in enumerate(weights):
+    updated, new_momentum, grad_norms = omega_update(state, grads, momentum, config)
+    weights = zip(
+        state.tensors(), grads.tensors(), momentum.tensors(), new_momentum.tensors(), updated.tensors(), strict=True
+    )
+    for index, (weight, grad, old_moment, new_moment, new_weight) in enumerate(weights):
         for row in range(2):
             g = grad[row]
             moment = config.ttl_momentum * old_moment[row] + g
             lr = config.ttl_lr / (1 + g.norm()) if adaptive_lr else config.ttl_lr
             direction = reference_newton_schulz(moment, config.ttl_ns_steps) if g.dim() == 2 else moment / moment.norm()
             torch.testing.assert_close(new_moment[row], moment, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(step[row], lr * direction, rtol=1e-8, atol=1e-12)
+            expected = config.ttl_decay * weight[row] - lr * direction
+            torch.testing.assert_close(new_weight[row], expected, rtol=1e-8, atol=1e-12)
             torch.testing.assert_close(grad_norms[row, index], g.norm(), rtol=1e-12, atol=0)
 
 
@@ -206,7 +209,9 @@ def test_plain_descent_follows_the_reference_rule_and_caps_runaway_steps():
     config = tiny_config(memory_optimizer="gd")
     state = random_state(config, batch=2).map(torch.Tensor.double)
     grads = state.map(torch.randn_like)
-    steps, new_momentum, _ = omega_update_steps(grads, grads.map(lambda grad: 0.5 * grad), config)
+    zeros = state.map(torch.zeros_like)  # weights of zero: the new weights are minus the steps
+    updated, new_momentum, _ = omega_update(zeros, grads, grads.map(lambda grad: 0.5 * grad), config)
+    steps = updated.map(torch.neg)
     for grad, new_moment, step in zip(grads.tensors(), new_momentum.tensors(), steps.tensors(), strict=True):
         for row in range(2):
             g, moment = grad[row], new_moment[row]
@@ -215,7 +220,8 @@ def test_plain_descent_follows_the_reference_rule_and_caps_runaway_steps():
 
     grads = state.map(lambda value: 1e-3 * torch.randn_like(value))
     momentum = state.map(lambda value: 1e6 * torch.randn_like(value))
-    steps, new_momentum, _ = omega_update_steps(grads, momentum, config)
+    updated, new_momentum, _ = omega_update(zeros, grads, momentum, config)
+    steps = updated.map(torch.neg)
     longest = config.ttl_lr / (1 - config.ttl_momentum)
     for new_moment, step in zip(new_momentum.tensors(), steps.tensors(), strict=True):
         for row in range(2):
@@ -233,8 +239,8 @@ def test_update_steps_are_differentiable():
 
     def update_steps(proj_down, output_norm_bias, output_scale):
         changed = replace(grads, proj_down=proj_down, output_norm_bias=output_norm_bias, output_scale=output_scale)
-        steps, new_momentum, _ = omega_update_steps(changed, momentum, config)
-        return steps.proj_down, steps.output_norm_bias, steps.output_scale, new_momentum.proj_down
+        updated, new_momentum, _ = omega_update(state, changed, momentum, config)
+        return updated.proj_down, updated.output_norm_bias, updated.output_scale, new_momentum.proj_down
 
     varied = (grads.proj_down, grads.output_norm_bias, grads.output_scale)
     assert torch.autograd.gradcheck(update_steps, tuple(grad.clone().requires_grad_(True) for grad in varied))
@@ -254,17 +260,22 @@ def test_monomial_blocks_are_the_combinations_with_replacement(degree):
         assert torch.allclose(blocks[1], u[..., rows] * u[..., cols], rtol=1e-14, atol=0)
 
 
-def test_grouped_newton_schulz_equals_one_call_per_matrix():
-    """Matrices whose smaller Gram side has the same shape share one batched call; each result is the one of
-    its own call (a [8, 4] matrix joins the [4, 8] ones through its transpose)."""
+@pytest.mark.parametrize("evaluation", ["direct", "gram"])
+def test_grouped_newton_schulz_steps_equal_one_call_per_matrix(evaluation):
+    """Matrices whose smaller Gram side has the same shape share one batched call; each result is
+    decay * weight - rate * newton_schulz(matrix) of its own call (a [8, 4] matrix joins the [4, 8] ones through
+    its transpose), with the decay and the rate folded into the last product."""
     torch.manual_seed(0)
     shapes = [(2, 4, 8), (2, 8, 4), (2, 4, 8), (2, 3, 3)]  # down, up, mlp, a square one
     matrices = [torch.randn(*shape, dtype=torch.float64) for shape in shapes]
-    grouped = newton_schulz_grouped(matrices, 5)
+    weights = [torch.randn(*shape, dtype=torch.float64) for shape in shapes]
+    rates = [torch.rand(2, dtype=torch.float64) for _ in shapes]
+    grouped = newton_schulz_steps_grouped(weights, matrices, rates, 0.9, 5, evaluation)
     assert len(grouped) == len(matrices)
-    for got, matrix in zip(grouped, matrices, strict=True):
+    for got, weight, matrix, rate in zip(grouped, weights, matrices, rates, strict=True):
         assert got.shape == matrix.shape
-        torch.testing.assert_close(got, newton_schulz(matrix, 5), rtol=0, atol=1e-12)
+        expected = 0.9 * weight - rate[:, None, None] * newton_schulz(matrix, 5, evaluation)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
 class PlainRecurrentModel(torch.nn.Module):

@@ -12,7 +12,7 @@ from reference_forward import newton_schulz as reference_newton_schulz
 from torch.utils.flop_counter import FlopCounterMode
 
 from atlas_mag import AtlasMAGConfig, AtlasMAGForCausalLM, AtlasMAGMemory
-from atlas_mag.ops_atlas import newton_schulz, newton_schulz_choice, newton_schulz_flops, omega_update_steps
+from atlas_mag.ops_atlas import newton_schulz, newton_schulz_choice, newton_schulz_flops, omega_update
 
 STEPS = 5
 # fp32's unit roundoff: the smallest error an fp32 evaluation can be held to.
@@ -166,7 +166,7 @@ def test_the_config_switch_reaches_the_memory_update(evaluation):
     )
     memory = AtlasMAGMemory(config)
     grads = memory.initial_state(2).map(torch.randn_like)
-    counted = counted_matmul_flops(omega_update_steps, grads, None, config)
+    counted = counted_matmul_flops(omega_update, memory.initial_state(2), grads, None, config)
     matrices = [weight.shape for weight in memory.weights().tensors() if weight.dim() == 2]
     expected = sum(
         2 * newton_schulz_flops(*shape, STEPS, newton_schulz_choice(*shape, STEPS, evaluation)) for shape in matrices
