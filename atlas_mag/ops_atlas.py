@@ -527,7 +527,8 @@ def newton_schulz(matrix: torch.Tensor, steps: int, evaluation: str = "auto") ->
 def _newton_schulz_factors(x: torch.Tensor, steps: int, evaluation: str) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Newton–Schulz of wide [B, m, n] matrices (m <= n) as `left @ right` (`left` None: `right` itself), so that
     a caller can fold scales into the m x m `left` and its own terms into that last product. The Gram form's
-    `right` is `x` as given: its normalisation goes into the m x m Gram matrix and `left` (no pass over x)."""
+    `right` is `x` as given: its normalisation goes into the m x m Gram matrix and `left` (no pass over x; fp32
+    holds x x^T for any x whose entries stay below ~1e18)."""
     norms = _per_sequence(_sequence_norm(x) + NS_EPS, x)
     if newton_schulz_choice(x.shape[-2], x.shape[-1], steps, evaluation) == "gram":
         gram = torch.matmul(x, x.transpose(-1, -2)) / norms.square()
