@@ -29,6 +29,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def add_run_config_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    """`--set KEY=VALUE` (repeatable) into `args.overrides`: raw assignments for `load_config`, which reads the
+    values as YAML and checks them against the run configuration's schema."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a value of the run configuration, e.g. {example} (repeatable)",
+    )
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
     """`KEY=VALUE` with VALUE read as YAML (`20`, `true`, `[1, 2]`, `null`); an argparse `type`."""
     key, separator, value = text.partition("=")

@@ -79,6 +79,14 @@ class NeedleLMData:
     tokenizer: Path
 
 
+@dataclass(frozen=True)
+class NeedleLMCorpus:
+    """What step 1 split: how many files train, and the held-out files' texts (the loss by position reads them)."""
+
+    training_files: int
+    held_out_texts: list[str]
+
+
 def passages(texts: Sequence[str], max_chars: int) -> list[str]:
     """Each text cut at line ends into passages of at most about `max_chars` characters (a longer line is a
     passage of its own)."""
@@ -127,9 +135,9 @@ def run_config(settings: NeedleLMSettings, paths: NeedleLMData) -> TrainConfig:
     return replace(config, output_dir=str(settings.output_dir / "train"), tokenizer=str(paths.tokenizer), data=data)
 
 
-def prepare_data(settings: NeedleLMSettings, paths: NeedleLMData, seed: int) -> dict[str, Any]:
+def prepare_data(settings: NeedleLMSettings, paths: NeedleLMData, seed: int) -> NeedleLMCorpus:
     """Write the corpora and train the tokenizer (step 1), skipping what an earlier run already wrote (every file
-    is written atomically, so one that exists is whole). Returns the held-out texts' statistics."""
+    is written atomically, so one that exists is whole)."""
     texts = stdlib_documents(settings.stdlib_files) + python_docs_documents()
     held_out = texts[:: settings.held_out_every]
     training = [text for index, text in enumerate(texts) if index % settings.held_out_every]
@@ -146,7 +154,7 @@ def prepare_data(settings: NeedleLMSettings, paths: NeedleLMData, seed: int) -> 
     if not paths.held_out_needles.exists():
         documents = settings.needles.documents(tokenizer, held_out, settings.held_out_needle_documents, seed + 1)
         write_jsonl(documents, paths.held_out_needles)
-    return {"training_files": len(training), "held_out_files": len(held_out), "held_out_texts": held_out}
+    return NeedleLMCorpus(training_files=len(training), held_out_texts=held_out)
 
 
 def train_or_resume(config: TrainConfig) -> Path:
@@ -221,7 +229,7 @@ def run_niah_lm(settings: NeedleLMSettings) -> dict[str, Any]:
 
     logger.info("loss by position on held-out documents")
     documents = long_documents(
-        corpus["held_out_texts"],
+        corpus.held_out_texts,
         tokenizer,
         settings.perplexity_documents,
         min_tokens=settings.perplexity_windows * window,
@@ -238,8 +246,8 @@ def run_niah_lm(settings: NeedleLMSettings) -> dict[str, Any]:
     result = {
         "model": {"parameters": sum(p.numel() for p in model.parameters()), "sliding_window": window},
         "receptive_field_without_ttl": reach,
-        "training_files": corpus["training_files"],
-        "held_out_files": corpus["held_out_files"],
+        "training_files": corpus.training_files,
+        "held_out_files": len(corpus.held_out_texts),
         "steps": config.training.max_steps,
         "niah_by_reach": niah["by_reach"],
         "perplexity": {s: v["perplexity"] for s, v in perplexity["settings"].items()},

@@ -13,20 +13,14 @@ from __future__ import annotations
 
 import argparse
 
+from atlas_mag.cli import add_run_config_overrides
 from atlas_mag.training import load_config, train
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML run configuration (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. training.max_steps=20 or data.sources.0.path=my.jsonl (repeatable)",
-    )
+    add_run_config_overrides(parser, "training.max_steps=20 or data.sources.0.path=my.jsonl")
     parser.add_argument(
         "--resume",
         nargs="?",

@@ -11,6 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from atlas_mag.cli import add_run_config_overrides
 from atlas_mag.niah_lm import DEFAULT_CONFIG, NeedleLMSettings, format_report, run_niah_lm
 
 
@@ -18,14 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=NeedleLMSettings.output_dir)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the run configuration (YAML)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of the run configuration, e.g. training.max_steps=50 (repeatable)",
-    )
+    add_run_config_overrides(parser, "training.max_steps=50")
     parser.add_argument("--samples", type=int, default=NeedleLMSettings.samples_per_cell, help="prompts per cell")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
