@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..reporting import markdown_table, new_figure, save_figure, write_json, write_text
 from .demo import CONDITIONS, condition_switches, greedy_generate
+from .recall import check_minimum
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +187,7 @@ class NeedleDocuments:
     max_filler_tokens: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("needles", "num_digits", "min_filler_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"NeedleDocuments.{name} must be >= 1, got {getattr(self, name)}")
+        check_minimum(self, 1, "needles", "num_digits", "min_filler_tokens")
         if self.max_filler_tokens < self.min_filler_tokens:
             raise ValueError(
                 f"NeedleDocuments.max_filler_tokens ({self.max_filler_tokens}) is below min_filler_tokens "

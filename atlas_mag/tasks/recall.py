@@ -47,7 +47,7 @@ def receptive_field(config: AtlasMAGConfig) -> int:
     return config.num_hidden_layers * max(config.sliding_window - 1, config.omega_window)
 
 
-def _check_minimum(settings: Any, minimum: int, *names: str) -> None:
+def check_minimum(settings: Any, minimum: int, *names: str) -> None:
     """Refuse a settings object whose named fields fall below `minimum`, naming the field."""
     for name in names:
         value = getattr(settings, name)
@@ -67,8 +67,8 @@ class RecallTask:
     gap: int = 8
 
     def __post_init__(self) -> None:
-        _check_minimum(self, 1, "num_keys", "num_values", "num_filler", "num_pairs", "num_queries")
-        _check_minimum(self, 0, "gap")
+        check_minimum(self, 1, "num_keys", "num_values", "num_filler", "num_pairs", "num_queries")
+        check_minimum(self, 0, "gap")
         if self.num_pairs > self.num_keys:
             raise ValueError(f"num_pairs ({self.num_pairs}) exceeds num_keys ({self.num_keys}): keys must be distinct")
         if self.num_queries > self.num_pairs:
@@ -215,8 +215,8 @@ class TrainingRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_minimum(self, 1, "steps", "batch_size", "candidates", "slice_steps")
-        _check_minimum(self, 0, "single_pair_steps")
+        check_minimum(self, 1, "steps", "batch_size", "candidates", "slice_steps")
+        check_minimum(self, 0, "single_pair_steps")
 
 
 class RecallTrainer:
