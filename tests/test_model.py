@@ -436,6 +436,45 @@ def test_outer_loss_trains_memory_and_checkpointing_gives_same_gradients(through
     assert torch.isfinite(memory_grad).all() and memory_grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("through_updates", [False, True])
+def test_a_call_without_cache_skips_only_the_last_update(monkeypatch, through_updates):
+    """Without a cache nothing reads the memory after the call, so its last update (the one after the last
+    position) computes gradient norms only. Against a call that keeps a cache (every update made): the same loss,
+    logits, TTL gradient norms and outer gradients, and exactly one memory step fewer per layer."""
+    import atlas_mag.memory_atlas as memory_module
+
+    steps = []
+
+    def counting_update(*args, **kwargs):
+        steps.append(1)
+        return ops_atlas.omega_update(*args, **kwargs)
+
+    monkeypatch.setattr(memory_module, "omega_update", counting_update)
+    model = make_model(ttl_backprop_through_updates=through_updates).train()
+    ids = torch.randint(0, 97, (2, 28))  # 7 chunks of 4: the 7th update ends on the last position
+
+    def run(use_cache):
+        steps.clear()
+        model.zero_grad()
+        out = model(ids, labels=ids, use_cache=use_cache)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads, len(steps)
+
+    kept, kept_grads, kept_steps = run(use_cache=True)
+    skipped, skipped_grads, skipped_steps = run(use_cache=False)
+    layers = model.config.num_hidden_layers
+    assert (kept_steps, skipped_steps) == (7 * layers, 6 * layers)
+    assert kept.cache is not None and skipped.cache is None
+    torch.testing.assert_close(skipped.loss, kept.loss, rtol=0, atol=0)
+    torch.testing.assert_close(skipped.logits, kept.logits, rtol=0, atol=0)
+    torch.testing.assert_close(skipped.ttl_gradient_norms, kept.ttl_gradient_norms, rtol=0, atol=0)
+    assert skipped_grads.keys() == kept_grads.keys()
+    for name, grad in kept_grads.items():
+        # The skipped step's decay term carries no gradient to the loss (nothing reads its memory).
+        torch.testing.assert_close(skipped_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_backprop_through_updates_changes_the_gradient():
     ids = torch.randint(0, 97, (2, 30))
     grads = []
