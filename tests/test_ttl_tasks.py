@@ -22,6 +22,7 @@ from atlas_mag.tasks.recall import (
     build_tokenizer,
     evaluate_recall,
     recall_accuracy,
+    recall_by_query,
     recall_model_config,
     receptive_field,
     train_recall,
@@ -225,6 +226,35 @@ def test_recall_queries_are_beyond_reach_without_ttl():
     assert not torch.allclose(on[0], on[1])
     with pytest.raises(ValueError, match="receptive field"):
         RecallTask(gap=receptive_field(config) - 1).check_beyond_reach(config)
+
+
+class _FirstPairValue(torch.nn.Module):
+    """Answers every position with the value of the sequence's first pair: a memory of one value, no keys."""
+
+    def __init__(self, task: RecallTask) -> None:
+        super().__init__()
+        self.task = task
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, use_cache, **switches):
+        logits = torch.zeros(*input_ids.shape, self.task.vocab_size)
+        logits.scatter_(2, input_ids[:, 2, None, None].expand(-1, input_ids.shape[1], 1), 1.0)
+        return type("Output", (), {"logits": logits})
+
+
+def test_recall_by_query_tells_right_values_from_other_pairs_values():
+    task = RecallTask(num_pairs=3, num_queries=2)
+    ids, _ = task.sample(200, torch.Generator().manual_seed(5))
+    breakdown = recall_by_query(_FirstPairValue(task), task, num_sequences=200, seed=5)
+    first_key = 1 + 2 * task.num_pairs + task.gap
+    for query, entry in enumerate(breakdown):
+        key_position = first_key + 2 * query
+        asked_first = ids[:, key_position] == ids[:, 1]
+        same_value = ids[:, key_position + 1] == ids[:, 2]  # another pair that happens to share the value
+        assert entry["right"] == pytest.approx((asked_first | same_value).float().mean().item())
+        assert entry["other_pair"] == pytest.approx((~asked_first & ~same_value).float().mean().item())
+        assert 0.1 < entry["right"] < 0.7
+    assert len(breakdown) == task.num_queries
 
 
 def test_recall_curriculum_starts_with_one_pair(monkeypatch):

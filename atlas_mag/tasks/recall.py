@@ -332,6 +332,34 @@ def evaluate_recall(
     return accuracy
 
 
+@torch.inference_mode()
+def recall_by_query(
+    model: PreTrainedModel,
+    task: RecallTask,
+    num_sequences: int = 256,
+    seed: int = EVAL_SEED,
+    condition: str = "ttl_on",
+) -> list[dict[str, float]]:
+    """For each query, in the order asked: the fraction answered with its own value (`right`) and the fraction
+    answered with the value of a pair it did not ask for (`other_pair`). A memory that holds the pairs' values but
+    not which key each belongs to answers the first query with one of them at random (`right` ~ 1 / num_pairs, the
+    rest `other_pair`) and the later ones by elimination."""
+    input_ids, _ = task.sample(num_sequences, torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    model.eval()
+    predicted = model(input_ids.to(device), use_cache=False, **condition_switches(condition)).logits.argmax(-1).cpu()
+    pair_values = input_ids[:, 2 : 2 + 2 * task.num_pairs : 2]
+    first_key = 1 + 2 * task.num_pairs + task.gap
+    breakdown = []
+    for query in range(task.num_queries):
+        key_position = first_key + 2 * query
+        answer = predicted[:, key_position]
+        right = answer == input_ids[:, key_position + 1]
+        other_pair = (answer[:, None] == pair_values).any(1) & ~right
+        breakdown.append({"right": right.float().mean().item(), "other_pair": other_pair.float().mean().item()})
+    return breakdown
+
+
 def mean_and_std(values: Sequence[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -354,6 +382,7 @@ def _train_and_evaluate(
     run: dict[str, Any] = {
         "seed": recipe.seed,
         "accuracy": evaluate_recall(model, task, eval_sequences),
+        "by_query": recall_by_query(model, task, eval_sequences),
         "chosen_candidate": int(history[-1]["candidate"]),
         "history": history,
     }
