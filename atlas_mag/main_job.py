@@ -203,9 +203,7 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     for run in summary["runs"]:
         accuracy = run["accuracy"]
-        by_query = ", ".join(
-            f"{entry['right']:.2f} / {entry['other_pair']:.2f}" for entry in run["by_query"]
-        )
+        by_query = ", ".join(f"{entry['right']:.2f} / {entry['other_pair']:.2f}" for entry in run["by_query"])
         lines.append(
             f"    seed {run['seed']}: {accuracy['ttl_on']:.3f} / {accuracy['ttl_off']:.3f} / "
             f"{accuracy['gate_removed']:.3f}; TTL on by query (right / another pair's value): {by_query}"

@@ -246,9 +246,8 @@ def test_recall_by_query_tells_right_values_from_other_pairs_values():
     task = RecallTask(num_pairs=3, num_queries=2)
     ids, _ = task.sample(200, torch.Generator().manual_seed(5))
     breakdown = recall_by_query(_FirstPairValue(task), task, num_sequences=200, seed=5)
-    first_key = 1 + 2 * task.num_pairs + task.gap
     for query, entry in enumerate(breakdown):
-        key_position = first_key + 2 * query
+        key_position = 1 + 2 * task.num_pairs + task.gap + 2 * query  # the layout of test_recall_task_layout
         asked_first = ids[:, key_position] == ids[:, 1]
         same_value = ids[:, key_position + 1] == ids[:, 2]  # another pair that happens to share the value
         assert entry["right"] == pytest.approx((asked_first | same_value).float().mean().item())

@@ -104,6 +104,16 @@ class RecallTask:
         return 1 + 2 * self.num_pairs + self.gap + 2 * self.num_queries
 
     @property
+    def pair_value_positions(self) -> slice:
+        """Where the pairs' values lie (each right after its key)."""
+        return slice(2, 2 + 2 * self.num_pairs, 2)
+
+    @property
+    def first_query_position(self) -> int:
+        """Where the first query's key lies (its value follows; the next query's key follows that)."""
+        return 1 + 2 * self.num_pairs + self.gap
+
+    @property
     def chance(self) -> float:
         return 1.0 / self.num_values
 
@@ -118,9 +128,9 @@ class RecallTask:
         input_ids = torch.empty(batch_size, self.sequence_length, dtype=torch.long)
         input_ids[:, 0] = BOS_ID
         input_ids[:, 1 : 1 + pairs : 2] = self.key_offset + keys
-        input_ids[:, 2 : 2 + pairs : 2] = self.value_offset + values
+        input_ids[:, self.pair_value_positions] = self.value_offset + values
         input_ids[:, 1 + pairs : 1 + pairs + self.gap] = self.filler_offset + filler
-        start = 1 + pairs + self.gap
+        start = self.first_query_position
         input_ids[:, start : start + queries : 2] = self.key_offset + keys.gather(1, asked)
         input_ids[:, start + 1 : start + queries : 2] = self.value_offset + values.gather(1, asked)
         labels = torch.full_like(input_ids, -100)
@@ -348,11 +358,10 @@ def recall_by_query(
     device = next(model.parameters()).device
     model.eval()
     predicted = model(input_ids.to(device), use_cache=False, **condition_switches(condition)).logits.argmax(-1).cpu()
-    pair_values = input_ids[:, 2 : 2 + 2 * task.num_pairs : 2]
-    first_key = 1 + 2 * task.num_pairs + task.gap
+    pair_values = input_ids[:, task.pair_value_positions]
     breakdown = []
     for query in range(task.num_queries):
-        key_position = first_key + 2 * query
+        key_position = task.first_query_position + 2 * query
         answer = predicted[:, key_position]
         right = answer == input_ids[:, key_position + 1]
         other_pair = (answer[:, None] == pair_values).any(1) & ~right
