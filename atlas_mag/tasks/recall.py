@@ -310,22 +310,29 @@ def train_recall(
 
 
 @torch.inference_mode()
+def predicted_next_tokens(
+    model: PreTrainedModel, input_ids: torch.Tensor, condition: str, batch_size: int = 256
+) -> torch.Tensor:
+    """The greedy prediction (argmax over the whole vocabulary) after every position [N, L], on the CPU, under
+    `condition`, `batch_size` sequences per forward."""
+    switches = condition_switches(condition)
+    model.eval()
+    device = next(model.parameters()).device
+    batches = [
+        model(input_ids[start : start + batch_size].to(device), use_cache=False, **switches).logits.argmax(-1).cpu()
+        for start in range(0, input_ids.shape[0], batch_size)
+    ]
+    return torch.cat(batches)
+
+
 def recall_accuracy(
     model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor, condition: str, batch_size: int = 256
 ) -> float:
     """Fraction of queried values predicted (argmax over the whole vocabulary) under `condition`."""
-    switches = condition_switches(condition)
-    model.eval()
-    device = next(model.parameters()).device
-    correct = total = 0
-    for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start : start + batch_size].to(device)
-        targets = labels[start : start + batch_size, 1:].to(device)
-        logits = model(ids, use_cache=False, **switches).logits
-        scored = targets != -100
-        correct += (logits[:, :-1].argmax(-1)[scored] == targets[scored]).sum().item()
-        total += scored.sum().item()
-    return correct / total
+    predicted = predicted_next_tokens(model, input_ids, condition, batch_size)[:, :-1]
+    targets = labels[:, 1:]
+    scored = targets != -100
+    return (predicted[scored] == targets[scored]).sum().item() / scored.sum().item()
 
 
 def evaluate_recall(
@@ -342,7 +349,6 @@ def evaluate_recall(
     return accuracy
 
 
-@torch.inference_mode()
 def recall_by_query(
     model: PreTrainedModel,
     task: RecallTask,
@@ -355,9 +361,7 @@ def recall_by_query(
     not which key each belongs to answers the first query with one of them at random (`right` ~ 1 / num_pairs, the
     rest `other_pair`) and the later ones by elimination."""
     input_ids, _ = task.sample(num_sequences, torch.Generator().manual_seed(seed))
-    device = next(model.parameters()).device
-    model.eval()
-    predicted = model(input_ids.to(device), use_cache=False, **condition_switches(condition)).logits.argmax(-1).cpu()
+    predicted = predicted_next_tokens(model, input_ids, condition)
     pair_values = input_ids[:, task.pair_value_positions]
     breakdown = []
     for query in range(task.num_queries):
