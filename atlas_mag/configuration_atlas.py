@@ -153,6 +153,13 @@ class AtlasMAGConfig(PretrainedConfig):
             and the uncapped rule made the memory diverge on long inputs.
         ttl_momentum (`float`, defaults to 0.9): momentum theta, `S = theta S + g`.
         ttl_decay (`float`, defaults to 0.999): weight decay alpha, `W = alpha W - eta * update(S)`.
+        ttl_data_dependent_rates (`bool`, defaults to `False`): make eta, theta and alpha functions of the input
+            (Titans and Atlas; the published model uses the constants): per token, from the block's normed input
+            h, `eta = 2 ttl_lr sigmoid(w_eta h + b_eta)`, `theta = sigmoid(w_theta h + b_theta)` and
+            `alpha = sigmoid(w_alpha h + b_alpha)`, learnt by the outer loss; an update takes the rates of the
+            token it follows. The weights start at zero and the biases at the constants (`ttl_lr`,
+            `ttl_momentum`, `ttl_decay`), so a new model starts as the constant-rate one; `ttl_momentum` must
+            then be > 0 and `ttl_decay` < 1.
         memory_optimizer (`str`, defaults to `"muon"`): `"muon"` orthogonalises the momentum of every matrix
             with Newton–Schulz (Atlas); `"gd"` applies the momentum as is (OmegaNet). Vectors and the output scale
             always use the normalised momentum `S / ||S||` with Muon and the raw momentum with plain descent.
@@ -203,6 +210,7 @@ class AtlasMAGConfig(PretrainedConfig):
         ttl_adaptive_lr: bool = True,
         ttl_momentum: float = 0.9,
         ttl_decay: float = 0.999,
+        ttl_data_dependent_rates: bool = False,
         memory_optimizer: str = "muon",
         ttl_ns_steps: int = 5,
         ttl_ns_evaluation: str = "auto",
@@ -244,6 +252,7 @@ class AtlasMAGConfig(PretrainedConfig):
         self.ttl_adaptive_lr = ttl_adaptive_lr
         self.ttl_momentum = ttl_momentum
         self.ttl_decay = ttl_decay
+        self.ttl_data_dependent_rates = ttl_data_dependent_rates
         self.memory_optimizer = memory_optimizer
         self.ttl_ns_steps = ttl_ns_steps
         self.ttl_ns_evaluation = ttl_ns_evaluation
@@ -295,7 +304,14 @@ class AtlasMAGConfig(PretrainedConfig):
         raise ValueError(f"AtlasMAGConfig got unknown field(s): {', '.join(hints)}")
 
     def _validate(self) -> None:
-        for name in ("use_memory", "ttl_enabled", "ttl_adaptive_lr", "ttl_backprop_through_updates", "use_cache"):
+        for name in (
+            "use_memory",
+            "ttl_enabled",
+            "ttl_adaptive_lr",
+            "ttl_data_dependent_rates",
+            "ttl_backprop_through_updates",
+            "use_cache",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
         for name in (
@@ -368,6 +384,11 @@ class AtlasMAGConfig(PretrainedConfig):
                 raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
         if not 0.0 < self.ttl_decay <= 1.0:
             raise ValueError(f"`ttl_decay` must be in (0, 1], got {self.ttl_decay!r}")
+        if self.ttl_data_dependent_rates:
+            # The rates' biases start at the constants' logits.
+            for name, value in (("ttl_momentum", self.ttl_momentum), ("ttl_decay", self.ttl_decay)):
+                if not 0.0 < value < 1.0:
+                    raise ValueError(f"`{name}` must be in (0, 1) with `ttl_data_dependent_rates`, got {value!r}")
         for name in ("ttl_lr", "qk_persistent_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")

@@ -17,6 +17,7 @@ from .configuration_atlas import AtlasMAGConfig
 from .ops_atlas import (
     MemoryForward,
     MemoryWeights,
+    StepRates,
     TTLUpdate,
     gradient_norms,
     memory_forward,
@@ -133,17 +134,19 @@ class AtlasMAGMemory(nn.Module):
         schedule: list[TTLUpdate],
         in_place: bool,
         keeps_memory: bool = True,
+        rates: StepRates | None = None,
     ) -> MemoryStep:
         """The memory's part of an Atlas-MAG block: the Q-K projection of the attention's `query` over the past
         keys (each [B, T, hidden], fp32; `token_weights` are gamma times the real-token mask), then
         `read_and_learn`. `in_place`: one new position over full histories, which act as ring buffers.
-        `keeps_memory=False`: nothing reads the memory after this call (see `read_and_learn`)."""
+        `keeps_memory=False`: nothing reads the memory after this call (see `read_and_learn`). `rates`: the inner
+        optimiser's rates at the new positions ([B, T] each; None: the config's constants)."""
         new_keys = QKHistory(key, token_weights)
         if not in_place:
             keys = extend(state.qk, new_keys)
             queries = qk_projection(query, keys.keys, keys.weights, self.config)
             inputs = MemoryInputs(queries, value, token_weights, token_mask)
-            read = self.read_and_learn(inputs, state, schedule, keeps_memory=keeps_memory)
+            read = self.read_and_learn(inputs, state, schedule, keeps_memory=keeps_memory, rates=rates)
             state = state.with_qk_keys(keys, self.config)
             state = state.with_memory(read.omega, read.memory, read.momentum, self.config)
             return MemoryStep(read.output, state, read.gradient_norms)
@@ -152,7 +155,7 @@ class AtlasMAGMemory(nn.Module):
         key_weights = decay.roll(state.memory_ring_steps % window) * state.qk.weights
         queries = qk_projection_one_query(query, state.qk.keys, key_weights, self.config)
         inputs = MemoryInputs(queries, value, token_weights, token_mask)
-        read = self.read_and_learn(inputs, state, schedule, in_place=True)
+        read = self.read_and_learn(inputs, state, schedule, in_place=True, rates=rates)
         state = state.with_memory_ring_write(new_keys, OmegaHistory(*inputs), read.memory, read.momentum)
         return MemoryStep(read.output, state, read.gradient_norms)
 
@@ -173,6 +176,7 @@ class AtlasMAGMemory(nn.Module):
         schedule: list[TTLUpdate],
         in_place: bool = False,
         keeps_memory: bool = True,
+        rates: StepRates | None = None,
     ) -> MemoryRead:
         """Read the memory at every new position and learn at every update of `schedule` (see `ttl_schedule`).
 
@@ -182,9 +186,10 @@ class AtlasMAGMemory(nn.Module):
         ([B], or None). `in_place`: one new position over a full Omega history (decoding), see
         `_read_and_learn_in_place`. `keeps_memory=False` (no cache, e.g. a training step): an update after the
         last position gives its gradient norms but no new memory (the memory returned is the one before it).
+        `rates` ([B, T] each, None: the config's constants): an update takes those of the token it follows.
         """
         if in_place:
-            return self._read_and_learn_in_place(inputs, state, schedule)
+            return self._read_and_learn_in_place(inputs, state, schedule, rates)
         queries = inputs.queries
         config = self.config
         memory = state.memory if state.memory is not None else self.initial_state(queries.shape[0])
@@ -206,7 +211,10 @@ class AtlasMAGMemory(nn.Module):
             selection = (slice(None), window) if rows is None else (rows, window)
             fitted = OmegaHistory(*(tensor[selection] for tensor in history.tensors()))
             update = keeps_memory or column < queries.shape[1] - 1
-            memory, momentum, norms = self._learn(memory, momentum, rows, fitted, read if reuse else None, update)
+            step_rates = None if rates is None else rates.at(column, rows)
+            memory, momentum, norms = self._learn(
+                memory, momentum, rows, fitted, step_rates, read if reuse else None, update
+            )
             gradient_norms.append(norms)
         if start < queries.shape[1]:
             outputs.append(memory_forward(memory, queries[:, start:], config).output)
@@ -214,7 +222,7 @@ class AtlasMAGMemory(nn.Module):
         return MemoryRead(torch.cat(outputs, dim=1), memory, momentum, norms, history)
 
     def _read_and_learn_in_place(
-        self, inputs: MemoryInputs, state: AtlasMAGLayerState, schedule: list[TTLUpdate]
+        self, inputs: MemoryInputs, state: AtlasMAGLayerState, schedule: list[TTLUpdate], rates: StepRates | None
     ) -> MemoryRead:
         """`read_and_learn` for one new position when the Omega history is a full ring buffer (decoding): only an
         update (every `ttl_chunk_size` tokens) reads the history, joined to the new position. Returns the output,
@@ -223,12 +231,13 @@ class AtlasMAGMemory(nn.Module):
         output = memory_forward(memory, inputs.queries, self.config).output
         if not schedule:
             return MemoryRead(output, memory, state.momentum, None)
-        ((_, rows),) = schedule
+        ((column, rows),) = schedule
         # The Omega loss sums over the window's positions, so the ring's order does not matter.
         window = state.omega.extended(OmegaHistory(*inputs))
         if rows is not None:
             window = window.map(lambda tensor: tensor[rows])
-        memory, momentum, norms = self._learn(memory, state.momentum, rows, window)
+        step_rates = None if rates is None else rates.at(column, rows)
+        memory, momentum, norms = self._learn(memory, state.momentum, rows, window, step_rates)
         return MemoryRead(output, memory, momentum, norms)
 
     def _learn(
@@ -237,13 +246,15 @@ class AtlasMAGMemory(nn.Module):
         momentum: MemoryWeights | None,
         rows: torch.Tensor | None,
         window: OmegaHistory,
+        rates: StepRates | None = None,
         forward: MemoryForward | None = None,
         update: bool = True,
     ) -> tuple[MemoryWeights, MemoryWeights | None, torch.Tensor]:
-        """One Omega-rule step for the sequences in `rows` (None: all of them) over their `window`; the others
-        keep their memory. Returns the memory, the momentum and each sequence's mean gradient norm [B] (0 for rows
-        that did not learn). `update=False`: the gradient norms only, the memory and momentum as they were (for
-        a last update whose memory nothing reads: Newton–Schulz and the step are skipped)."""
+        """One Omega-rule step for the sequences in `rows` (None: all of them) over their `window`, with the
+        `rates` of those rows ([rows] each; None: the config's constants); the others keep their memory. Returns
+        the memory, the momentum and each sequence's mean gradient norm [B] (0 for rows that did not learn).
+        `update=False`: the gradient norms only, the memory and momentum as they were (for a last update whose
+        memory nothing reads: Newton–Schulz and the step are skipped)."""
         config = self.config
         every_row = rows is None
         selected = memory if every_row else memory.map(lambda tensor: tensor[rows])
@@ -262,7 +273,7 @@ class AtlasMAGMemory(nn.Module):
             grads, _ = memory_loss_gradients(learn_state, *inputs, config, forward)
         if update:
             # Outside the no-grad block: the outer loss reaches the memory's parameters through the decay term.
-            updated, new_momentum, grad_norms = omega_update(selected, grads, selected_momentum, config)
+            updated, new_momentum, grad_norms = omega_update(selected, grads, selected_momentum, config, rates)
         else:
             grad_norms = gradient_norms(grads)
         row_norms = grad_norms.float().mean(1)

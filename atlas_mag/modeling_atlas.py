@@ -35,7 +35,7 @@ from transformers.utils import can_return_tuple
 from .cache_atlas import AtlasMAGCache, AtlasMAGLayerState, AttentionWindow, CallPlan, extend
 from .configuration_atlas import AtlasMAGConfig
 from .memory_atlas import AtlasMAGMemory, MemoryStep
-from .ops_atlas import apply_rotary, columns, sliding_window_attention
+from .ops_atlas import StepRates, apply_rotary, columns, sliding_window_attention
 
 # ---------------------------------------------------------------------------------------------------------------
 # Outputs and arguments
@@ -236,6 +236,28 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, -1)
 
 
+class AtlasMAGTTLRates(nn.Module):
+    """The inner optimiser's data-dependent rates (`ttl_data_dependent_rates`): per token, from the block's normed
+    input, the learning rate `2 ttl_lr sigmoid(.)`, the momentum `sigmoid(.)` and the decay `sigmoid(.)`. Its
+    weights start at zero and its biases at the config's constants (`initial_bias`)."""
+
+    def __init__(self, config: AtlasMAGConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(3, config.hidden_size))
+        self.bias = nn.Parameter(self.initial_bias(config))
+
+    @staticmethod
+    def initial_bias(config: AtlasMAGConfig) -> torch.Tensor:
+        """The logits at which the rates equal `ttl_lr`, `ttl_momentum` and `ttl_decay`."""
+        return torch.logit(torch.tensor([0.5, config.ttl_momentum, config.ttl_decay], dtype=torch.float64)).float()
+
+    def forward(self, normed: torch.Tensor) -> StepRates:
+        """The rates [B, T] each of the tokens `normed` [B, T, hidden], in fp32."""
+        gates = torch.sigmoid(F.linear(normed.float(), self.weight.float(), self.bias.float()))
+        return StepRates(2.0 * self.config.ttl_lr * gates[..., 0], gates[..., 1], gates[..., 2])
+
+
 class AtlasMAGBlock(GradientCheckpointingLayer):
     """One Atlas-MAG block. The block is a pure function of (hidden states, layer state): it returns the new
     state instead of writing a cache, so gradient checkpointing can replay it."""
@@ -252,6 +274,8 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
                 nn.Linear(config.gamma_gate_hidden_size, 1, bias=False),
             )
             self.memory = AtlasMAGMemory(config)
+            if config.ttl_data_dependent_rates:
+                self.ttl_rates = AtlasMAGTTLRates(config)
         self.post_attention_norm = AtlasMAGRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = AtlasMAGMLP(config)
 
@@ -286,6 +310,7 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         """The memory's output (it learns on the way, per `call.schedule`) from the gamma weights of the new
         positions and the attention's projections, in fp32."""
         gamma = torch.sigmoid(self.gamma_gate(normed).squeeze(-1).float())
+        rates = self.ttl_rates(normed) if self.config.ttl_data_dependent_rates else None
         # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision.
         with torch.autocast(device_type=normed.device.type, enabled=False):
             query, key, value = (_merge_heads(x).float() for x in qkv)
@@ -299,6 +324,7 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
                 call.schedule,
                 in_place,
                 call.keeps_memory,
+                rates,
             )
 
 
@@ -339,6 +365,9 @@ class AtlasMAGPreTrainedModel(PreTrainedModel):
             init.ones_(module.output_scale)
             if hasattr(module, "feature_coefficients"):
                 init.copy_(module.feature_coefficients, module.taylor_coefficients(self.config.poly_degree))
+        elif isinstance(module, AtlasMAGTTLRates):
+            init.zeros_(module.weight)
+            init.copy_(module.bias, module.initial_bias(self.config))
         elif isinstance(module, AtlasMAGModel):
             init.zeros_(module.w_init)
 

@@ -569,15 +569,16 @@ def newton_schulz_steps_grouped(
     weights: list[torch.Tensor],
     matrices: list[torch.Tensor],
     rates: list[torch.Tensor],
-    decay: float,
+    decay: float | torch.Tensor,
     steps: int,
     evaluation: str = "auto",
 ) -> list[torch.Tensor]:
     """`decay * weight - rate * newton_schulz(matrix)` for each [B, m, n] weight and matrix, with a rate per
-    sequence [B]: one batched Newton–Schulz per shape of the smaller Gram side (each slice is normalised by its
-    own norm, so batching changes nothing but the number of calls: in the published model proj_down and
-    proj_up^T are both [64, 512]). The decay and the rate ride on the last product (one kernel: no separate pass
-    over the weights for the normalisation, the step or the decay)."""
+    sequence [B] and a decay that is a constant or per sequence [B]: one batched Newton–Schulz per shape of the
+    smaller Gram side (each slice is normalised by its own norm, so batching changes nothing but the number of
+    calls: in the published model proj_down and proj_up^T are both [64, 512]). The rate and a constant decay ride
+    on the last product (one kernel: no separate pass over the weights for the normalisation, the step or the
+    decay)."""
 
     def oriented(matrix: torch.Tensor) -> torch.Tensor:
         return matrix.transpose(-1, -2) if matrix.shape[-2] > matrix.shape[-1] else matrix
@@ -591,10 +592,15 @@ def newton_schulz_steps_grouped(
         weight = _stacked([oriented(weights[index]) for index in indices])
         scale = _per_sequence(_stacked([rates[index] for index in indices]), weight)
         left, right = _newton_schulz_factors(moments, steps, evaluation)
+        beta = decay
+        if isinstance(decay, torch.Tensor):
+            # baddbmm's beta is one number: a decay per sequence scales the weight first.
+            weight = weight * _per_sequence(decay.repeat(len(indices)), weight)
+            beta = 1.0
         if left is None:
-            updated = torch.addcmul(decay * weight, right, scale, value=-1)
+            updated = torch.addcmul(beta * weight, right, scale, value=-1)
         else:
-            updated = torch.baddbmm(weight, left * scale, right, beta=decay, alpha=-1)
+            updated = torch.baddbmm(weight, left * scale, right, beta=beta, alpha=-1)
         for index, part in zip(indices, updated.split(matrices[indices[0]].shape[0]), strict=True):
             results[index] = part if oriented(matrices[index]) is matrices[index] else part.transpose(-1, -2)
     return results
@@ -609,21 +615,48 @@ def gradient_norms(grads: MemoryWeights) -> torch.Tensor:
     return torch.stack([_sequence_norm(grad) for grad in grads.tensors()], dim=1)
 
 
+class StepRates(NamedTuple):
+    """The inner optimiser's rates per sequence and position (`ttl_data_dependent_rates`): learning rate eta,
+    momentum theta and decay alpha, each [B, T] (or [B] once `at` an update)."""
+
+    lr: torch.Tensor
+    momentum: torch.Tensor
+    decay: torch.Tensor
+
+    def at(self, column: int, rows: torch.Tensor | None) -> StepRates:
+        """The rates of the update after `column`, for the batch rows `rows` (None: all): those of that token."""
+        return StepRates(*(rate[:, column] if rows is None else rate[rows, column] for rate in self))
+
+
 def omega_update(
-    weights: MemoryWeights, grads: MemoryWeights, momentum: MemoryWeights | None, config: AtlasMAGConfig
+    weights: MemoryWeights,
+    grads: MemoryWeights,
+    momentum: MemoryWeights | None,
+    config: AtlasMAGConfig,
+    rates: StepRates | None = None,
 ) -> tuple[MemoryWeights, MemoryWeights, torch.Tensor]:
     """One optimiser step of the memory: momentum `S = theta S + g`, then `W = alpha W - eta * update(S)`.
     Muon orthogonalises matrices with Newton–Schulz and normalises vectors and the scalar by their norm; plain
-    descent (OmegaNet) uses S as is. Returns the new weights and momentum and the gradient norms [B, n_weights]
-    (for the adaptive learning rate and for diagnostics)."""
+    descent (OmegaNet) uses S as is. eta, theta and alpha are the config's constants, or per sequence `rates`
+    ([B] each). Returns the new weights and momentum and the gradient norms [B, n_weights] (for the adaptive
+    learning rate and for diagnostics)."""
     # Elementwise work on every weight at once goes through `torch._foreach_*` (one dispatch, one kernel launch
     # per list instead of one per weight); norms are per sequence, so they stay per weight.
     grad_list = grads.tensors()
     grad_norms = gradient_norms(grads)
+    lr, theta, decay = (config.ttl_lr, config.ttl_momentum, config.ttl_decay) if rates is None else rates
+
+    def per_weight(rate: float | torch.Tensor) -> float | torch.Tensor:
+        # A constant, or a rate per sequence against the [B, n_weights] norms.
+        return rate if rates is None else rate[:, None]
+
     if momentum is None:
         moments = grad_list
+    elif rates is None:
+        moments = torch._foreach_add(grad_list, momentum.tensors(), alpha=theta)
     else:
-        moments = torch._foreach_add(grad_list, momentum.tensors(), alpha=config.ttl_momentum)
+        moment_list = momentum.tensors()
+        moments = torch._foreach_addcmul(grad_list, moment_list, [_per_sequence(theta, m) for m in moment_list])
     if config.ttl_adaptive_lr:
         # eta / (1 + ||g||), the reference rule. Muon's directions are bounded, so that bounds its steps; plain
         # descent applies S itself, and a gradient that shrinks after large ones leaves S far longer than g, which
@@ -633,10 +666,12 @@ def omega_update(
         divisors = 1.0 + grad_norms
         if config.memory_optimizer == "gd":
             moment_norms = torch.stack([_sequence_norm(moment) for moment in moments], dim=1)
-            divisors = torch.maximum(divisors, (1.0 - config.ttl_momentum) * moment_norms)
-        learning_rates = list((config.ttl_lr / divisors).unbind(1))
+            divisors = torch.maximum(divisors, per_weight(1.0 - theta) * moment_norms)
+        learning_rates = list((per_weight(lr) / divisors).unbind(1))
+    elif rates is None:
+        learning_rates = [torch.full_like(grad_norms[:, 0], lr)] * len(grad_list)
     else:
-        learning_rates = [torch.full_like(grad_norms[:, 0], config.ttl_lr)] * len(grad_list)
+        learning_rates = [lr] * len(grad_list)
     weight_list = weights.tensors()
     updated = list(weight_list)
     matrix_indices = []
@@ -646,7 +681,7 @@ def omega_update(
             [weight_list[index] for index in matrix_indices],
             [moments[index] for index in matrix_indices],
             [learning_rates[index] for index in matrix_indices],
-            config.ttl_decay,
+            decay,
             config.ttl_ns_steps,
             config.ttl_ns_evaluation,
         )
@@ -658,7 +693,11 @@ def omega_update(
                 learning_rates[index] = learning_rates[index] / _sequence_norm(moment).clamp(min=NORM_FLOOR)
     rest = [index for index in range(len(weight_list)) if index not in matrix_indices]
     if rest:
-        decayed = torch._foreach_mul([weight_list[index] for index in rest], config.ttl_decay)
+        kept = [weight_list[index] for index in rest]
+        if rates is None:
+            decayed = torch._foreach_mul(kept, decay)
+        else:
+            decayed = torch._foreach_mul(kept, [_per_sequence(decay, weight) for weight in kept])
         scales = [_per_sequence(learning_rates[index], moments[index]) for index in rest]
         stepped = torch._foreach_addcmul(decayed, [moments[index] for index in rest], scales, value=-1)
         for index, weight in zip(rest, stepped, strict=True):

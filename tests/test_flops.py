@@ -54,6 +54,7 @@ ATLAS_VARIANTS = {
     "published proportions": {},  # Omega window 8 != chunk 4: every update runs its own forward
     "window equals chunk": {"omega_window": 4},  # the read's forward is reused
     "gd": {"memory_optimizer": "gd"},
+    "data-dependent rates": {"ttl_data_dependent_rates": True},
     "Gram-space Newton-Schulz": {"ttl_ns_evaluation": "gram"},  # `auto` keeps a tiny model's matrices direct
     "mal": {"block_type": "mal"},
     "deep memory": {"memory_depth": 2, "memory_hidden_size": 12},

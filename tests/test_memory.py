@@ -11,6 +11,7 @@ from reference_forward import newton_schulz as reference_newton_schulz
 
 from atlas_mag import AtlasMAGForCausalLM, AtlasMAGMemory
 from atlas_mag.ops_atlas import (
+    StepRates,
     memory_forward,
     memory_loss_gradients,
     monomial_blocks,
@@ -200,6 +201,32 @@ def test_update_steps_follow_the_reference_rule_with_momentum(adaptive_lr):
             expected = config.ttl_decay * weight[row] - lr * direction
             torch.testing.assert_close(new_weight[row], expected, rtol=1e-8, atol=1e-12)
             torch.testing.assert_close(grad_norms[row, index], g.norm(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "gd"])
+@pytest.mark.parametrize("adaptive_lr", [True, False])
+def test_update_with_rates_per_sequence_is_each_sequence_updated_with_its_constants(optimizer, adaptive_lr):
+    """Data-dependent rates (eta, theta, alpha per sequence) against the constant-rate update of each sequence
+    alone with its rates as the config's constants."""
+    config = tiny_config(memory_optimizer=optimizer, ttl_adaptive_lr=adaptive_lr)
+    state = random_state(config, batch=3).map(torch.Tensor.double)
+    grads, momentum = state.map(torch.randn_like), state.map(torch.randn_like)
+    rates = StepRates(*torch.tensor([[0.02, 0.003, 0.05], [0.95, 0.3, 0.7], [0.999, 0.9, 0.5]], dtype=torch.float64))
+    updated, new_momentum, grad_norms = omega_update(state, grads, momentum, config, rates)
+    for row in range(3):
+        alone = tiny_config(
+            memory_optimizer=optimizer,
+            ttl_adaptive_lr=adaptive_lr,
+            ttl_lr=rates.lr[row].item(),
+            ttl_momentum=rates.momentum[row].item(),
+            ttl_decay=rates.decay[row].item(),
+        )
+        rows = slice(row, row + 1)
+        expected = omega_update(*(part.map(lambda t, rows=rows: t[rows]) for part in (state, grads, momentum)), alone)
+        for got, want in zip((updated, new_momentum), expected[:2], strict=True):
+            for got_tensor, want_tensor in zip(got.tensors(), want.tensors(), strict=True):
+                torch.testing.assert_close(got_tensor[row : row + 1], want_tensor, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad_norms[row : row + 1], expected[2], rtol=0, atol=0)
 
 
 def test_plain_descent_follows_the_reference_rule_and_caps_runaway_steps():

@@ -23,16 +23,24 @@ VARIANTS = {
     "degree3-deep": {"poly_degree": 3, "memory_depth": 2, "memory_key_dim": 4, "poly_rank": 16},
     "mal": {"block_type": "mal"},
     "bptu": {"ttl_backprop_through_updates": True},
+    # Data-dependent rates with plain descent: with Muon some random rates leave the model so ill-conditioned that a
+    # 1e-7 relative change of the embeddings moves its logits by up to 6e-4, beyond these tests' tolerances (which
+    # token's rates an update takes does not depend on the optimiser; test_memory checks both with rates).
+    "rates-gd": {"ttl_data_dependent_rates": True, "memory_optimizer": "gd"},
+    "rates-gd-bptu": {"ttl_data_dependent_rates": True, "memory_optimizer": "gd", "ttl_backprop_through_updates": True},
 }
 
 
 def make_model(**overrides) -> AtlasMAGForCausalLM:
     model = AtlasMAGForCausalLM(tiny_config(**overrides)).eval()
-    # Random non-trivial norms, scales and offsets so every parameter matters in the comparisons.
+    # Random non-trivial norms, scales, offsets and data-dependent rates so every parameter matters in the
+    # comparisons.
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.dim() <= 1:
                 param.add_(0.1 * torch.randn_like(param))
+            elif "ttl_rates" in name:
+                param.normal_(0.0, 0.5)
     return model
 
 
@@ -475,6 +483,32 @@ def test_a_call_without_cache_skips_only_the_last_update(monkeypatch, through_up
         torch.testing.assert_close(skipped_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "gd"])
+def test_data_dependent_rates_start_as_the_constants_and_are_learnt(optimizer):
+    """A new model with data-dependent rates computes what the constant-rate model computes (zero weights,
+    biases at the constants); the outer loss reaches the rates' weights, and rates that vary with the input change
+    the output."""
+    torch.manual_seed(0)
+    constant = AtlasMAGForCausalLM(tiny_config(memory_optimizer=optimizer))
+    torch.manual_seed(0)
+    varying = AtlasMAGForCausalLM(tiny_config(memory_optimizer=optimizer, ttl_data_dependent_rates=True))
+    rate_names = {name for name, _ in varying.named_parameters() if "ttl_rates" in name}
+    assert rate_names and set(varying.state_dict()) - rate_names == set(constant.state_dict())
+    varying.load_state_dict(constant.state_dict(), strict=False)
+    ids = torch.randint(0, constant.config.vocab_size, (2, 30))
+    expected = constant(ids, labels=ids)
+    got = varying(ids, labels=ids)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
+    assert (expected.logits - full_logits(constant, ids, ttl=False)).abs().max() > 1e-3
+    got.loss.backward()
+    for layer in varying.model.layers:
+        assert layer.ttl_rates.weight.grad.abs().max() > 0 and layer.ttl_rates.bias.grad.abs().max() > 0
+    with torch.no_grad():
+        for layer in varying.model.layers:
+            layer.ttl_rates.weight.normal_(0.0, 0.5)
+    assert (full_logits(varying, ids) - expected.logits).abs().max() > 1e-3
+
+
 def test_backprop_through_updates_changes_the_gradient():
     ids = torch.randint(0, 97, (2, 30))
     grads = []
@@ -529,6 +563,12 @@ def test_save_and_load_round_trip_bit_exactly(tmp_path):
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         tiny_config(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("ttl_momentum", 0.0), ("ttl_decay", 1.0)])
+def test_data_dependent_rates_refuse_constants_without_a_logit(field, value):
+    with pytest.raises(ValueError, match=f"`{field}`.*ttl_data_dependent_rates"):
+        tiny_config(ttl_data_dependent_rates=True, **{field: value})
 
 
 def test_bad_inputs_are_caught_with_a_message():

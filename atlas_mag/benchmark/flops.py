@@ -7,7 +7,8 @@ MLP's widths r -> ... -> k (products summed as `mlp` = sum of in x out), w slidi
 chunk, K Newton–Schulz steps. Per layer, for the tokens of one sequence:
 
 - base: the q, k, v, o projections 8h² per token (14h² for `mal` blocks, which project q, k, v twice), the FFN
-  (SwiGLU) 6hI, the gamma gate 2g(h + 1); once per model, the LM head 2hV per position whose logits are computed;
+  (SwiGLU) 6hI, the gamma gate 2g(h + 1), the data-dependent rates 6h (`ttl_data_dependent_rates`); once per
+  model, the LM head 2hV per position whose logits are computed;
 - attention: queries are taken 256 at a time (`ops_atlas.QUERY_BLOCK`) against the keys from the block's first
   query's window to its last query, and both products cost 2 h per (query, key) pair: 4h x queries x keys per
   block, the masked pairs included (they are computed). A decoding step over a full window multiplies w - 1
@@ -124,6 +125,8 @@ def atlas_forward_flops(
     per_token = projections + 6 * h * config.intermediate_size
     if config.use_memory:
         per_token += 2 * config.gamma_gate_hidden_size * (h + 1)
+        if config.ttl_data_dependent_rates:
+            per_token += 2 * 3 * h
     base = layers * new_tokens * per_token + 2 * h * config.vocab_size * logits
 
     window = config.sliding_window
