@@ -15,11 +15,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +136,46 @@ def run_config(settings: NeedleLMSettings, paths: NeedleLMData) -> TrainConfig:
     return replace(config, output_dir=str(settings.output_dir / "train"), tokenizer=str(paths.tokenizer), data=data)
 
 
+# Bumped when the files `prepare_data` writes change form (2: needle documents with their answer as completion).
+DATA_FORMAT = 2
+
+
+def data_recipe(settings: NeedleLMSettings, seed: int) -> dict[str, Any]:
+    """Everything the files of step 1 depend on."""
+    names = ("stdlib_files", "held_out_every", "passage_chars", "vocab_size", "needle_documents")
+    counts = {name: getattr(settings, name) for name in (*names, "held_out_needle_documents")}
+    return {"format": DATA_FORMAT, "seed": seed, **counts, "needles": asdict(settings.needles)}
+
+
+def check_data_recipe(settings: NeedleLMSettings, paths: NeedleLMData, seed: int) -> None:
+    """Refuse files that an earlier run wrote with other settings (reusing them would train on other data), or
+    record the recipe before writing any."""
+    recipe = data_recipe(settings, seed)
+    manifest = paths.text.parent / "recipe.json"
+    written = [path for path in (paths.text.parent, paths.tokenizer) if path.exists() and any(path.iterdir())]
+    if manifest.exists():
+        old = json.loads(manifest.read_text())
+        changed = {key: (old.get(key), value) for key, value in recipe.items() if old.get(key) != value}
+        if changed:
+            details = ", ".join(f"{key}: {was!r} there, {now!r} here" for key, (was, now) in changed.items())
+            raise ValueError(
+                f"{paths.text.parent} was written with other settings ({details}); give another --output-dir or "
+                "remove its data/ and tokenizer/ folders"
+            )
+    elif written:
+        raise ValueError(
+            f"{written[0]} was written by an earlier version of this job (no {manifest.name}); give another "
+            "--output-dir or remove its data/ and tokenizer/ folders"
+        )
+    else:
+        write_json(manifest, recipe)
+
+
 def prepare_data(settings: NeedleLMSettings, paths: NeedleLMData, seed: int) -> NeedleLMCorpus:
-    """Write the corpora and train the tokenizer (step 1), skipping what an earlier run already wrote (every file
-    is written atomically, so one that exists is whole)."""
+    """Write the corpora and train the tokenizer (step 1), skipping what an earlier run with the same settings
+    already wrote (every file is written atomically, so one that exists is whole); files written with other
+    settings are refused (`check_data_recipe`)."""
+    check_data_recipe(settings, paths, seed)
     texts = stdlib_documents(settings.stdlib_files) + python_docs_documents()
     held_out = texts[:: settings.held_out_every]
     training = [text for index, text in enumerate(texts) if index % settings.held_out_every]

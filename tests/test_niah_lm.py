@@ -3,6 +3,7 @@ itself end to end at a tiny size (the real run is `scripts/train_niah_lm.py`).""
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,18 @@ def test_needle_documents_state_every_fact_before_asking_it(digit_tokenizer):
     documents = recipe.documents(digit_tokenizer, filler, count=20, seed=3)
     assert documents == recipe.documents(digit_tokenizer, filler, count=20, seed=3)
     assert documents != recipe.documents(digit_tokenizer, filler, count=20, seed=4)
-    for document in documents:
+    for prompt, completion in documents:
+        # The completion is the answer to the last question, the only part the loss counts.
+        last_asked = re.findall(r"secret number for (\w+) is$", prompt)
+        assert last_asked and re.fullmatch(r" (\d{5})\.", completion)
+        document = prompt + completion
         questions = QUESTION.findall(document)
         facts = FACT.findall(document.split(" What is the secret number for")[0])
         assert len(facts) == len(questions) == 3
         assert len({name for name, _ in facts}) == 3 and not {name for name, _ in facts} & set(NAMES)
         # Each fact is asked once, with its own answer, after every fact was stated.
         assert sorted((asked, answer) for asked, again, answer in questions if asked == again) == sorted(facts)
+        assert dict(facts)[last_asked[0]] == completion[1:-1]
         assert all(len(answer) == 5 for _, answer in facts)
         body = FACT.sub("", document.split(" What is the secret number for")[0])
         filler_length = len(digit_tokenizer(body, add_special_tokens=False)["input_ids"])
@@ -56,7 +62,7 @@ def test_needle_documents_place_facts_at_every_depth(digit_tokenizer):
     recipe = NeedleDocuments(needles=1, num_digits=4, min_filler_tokens=100, max_filler_tokens=100)
     documents = recipe.documents(digit_tokenizer, stdlib_documents(max_files=5), count=200, seed=0)
     depths = []
-    for document in documents:
+    for document in (prompt + completion for prompt, completion in documents):
         fact = FACT.search(document)
         depths.append(fact.start() / (document.index(" What is the secret number") - len(fact.group(0))))
     assert min(depths) < 0.1 and max(depths) > 0.9
@@ -159,10 +165,26 @@ def test_niah_lm_job_end_to_end_and_resumes(tmp_path):
     assert again["niah_by_reach"] == result["niah_by_reach"]
     assert again["perplexity"] == pytest.approx(result["perplexity"])
 
+    # Other data settings on the same folder are refused before anything is written or trained.
+    checkpoints = sorted((root / "train" / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"needle_documents: 40 there, 41 here"):
+        run_niah_lm(replace(settings, needle_documents=41))
+    assert {path: path.stat().st_mtime_ns for path in (root / "data").iterdir()} == written
+    assert sorted((root / "train" / "checkpoints").iterdir()) == checkpoints
+
 
 def test_niah_lm_refuses_a_config_without_its_sources(tmp_path):
     config = tmp_path / "one_source.yaml"
     text = (Path(__file__).parents[1] / "configs" / "niah_lm.yaml").read_text()
-    config.write_text(text.replace("    - path: outputs/niah_lm/data/needles.jsonl\n      probability: 0.75\n", ""))
+    config.write_text(text.replace("    - path: outputs/niah_lm/data/needles.jsonl\n      probability: 0.9\n", ""))
     with pytest.raises(ValueError, match="two data.sources"):
         run_niah_lm(NeedleLMSettings(output_dir=tmp_path / "out", config=config))
+
+
+def test_niah_lm_refuses_data_written_without_a_recipe(tmp_path):
+    data = tmp_path / "out" / "data"
+    data.mkdir(parents=True)
+    (data / "text.jsonl").write_text('{"text": "old"}\n')
+    with pytest.raises(ValueError, match="earlier version of this job"):
+        run_niah_lm(NeedleLMSettings(output_dir=tmp_path / "out"))
+    assert [path.name for path in data.iterdir()] == ["text.jsonl"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
 from conftest import TINY, tiny_config
 from datasets import Dataset
 from safetensors.torch import load_file
@@ -37,15 +38,19 @@ from atlas_mag.training.checkpoints import list_checkpoints, resolve_checkpoint
 from atlas_mag.training.config import apply_override
 from atlas_mag.training.data import (
     DataSource,
+    Document,
     PackedWindows,
+    ScoredTokens,
     encode_document,
     load_source,
     mix_sources,
     split_holdout,
+    stack_windows,
     stdlib_documents,
     write_jsonl,
 )
-from atlas_mag.training.validation import evaluate
+from atlas_mag.training.finetune import pack_for_causal_lm
+from atlas_mag.training.validation import causal_lm_loss, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "reference" / "tokenizer_atlas_mag_32k.json"
@@ -152,7 +157,7 @@ def test_training_lowers_validation_loss_and_exports_a_loadable_model(uninterrup
     config = config_from_dict(yaml.safe_load((uninterrupted_run / "config.yaml").read_text()))
     tokenizer = load_tokenizer(final)
     _, windows = build_datasets(config, tokenizer, rank=0, world_size=1)
-    batch = torch.tensor(windows)
+    batch = torch.tensor([window.ids for window in windows])
     with torch.no_grad():
         logits = model(input_ids=batch[:, :-1], ttl=True).logits
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
@@ -388,9 +393,10 @@ def test_windows_are_the_packed_documents_and_resume_exactly(corpus, tokenizer_d
     expected = [stream[i : i + 65] for i in range(0, len(stream) - 64, 65)]
     iterator = iter(windows())
     first_epoch = [next(iterator) for _ in range(len(expected))]
-    assert first_epoch == expected
+    assert [window.ids for window in first_epoch] == expected
+    assert all(all(window.scored) for window in first_epoch), "rows without a completion are scored throughout"
     leftover = stream[len(expected) * 65 :]
-    assert next(iterator) == leftover + stream[: 65 - len(leftover)], "the next epoch continues the stream"
+    assert next(iterator).ids == leftover + stream[: 65 - len(leftover)], "the next epoch continues the stream"
 
     # Stop anywhere (here across the epoch boundary), restore into a fresh iterator, continue identically.
     reference = windows()
@@ -407,8 +413,51 @@ def test_windows_are_the_packed_documents_and_resume_exactly(corpus, tokenizer_d
         assert head + tail == uninterrupted, stop
 
     # Two processes split the documents between them.
-    assert encode_document(tokenizer, texts[0])[:65] == next(iter(windows(0, 2)))
-    assert encode_document(tokenizer, texts[1])[:65] == next(iter(windows(1, 2)))
+    assert encode_document(tokenizer, texts[0]).ids[:65] == next(iter(windows(0, 2))).ids
+    assert encode_document(tokenizer, texts[1]).ids[:65] == next(iter(windows(1, 2))).ids
+
+
+def test_completion_rows_score_only_their_completion(tmp_path, tokenizer_dir):
+    """Prompt-completion rows: the windows mark only the completion's tokens and <eos> as scored, the losses of
+    the training loop, of validation and of the Trainer's labels count only those, and such a source mixes with
+    a plain text one."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    rows = [Document("def f(x):", " return x"), "import os", Document("class A:", " pass")]
+    needles = load_source(DataSource(str(write_jsonl(rows, tmp_path / "rows.jsonl"))))
+    plain = load_source(DataSource(str(write_jsonl(["x = 1", "y = 2"], tmp_path / "plain.jsonl"))))
+    assert needles["completion"] == [" return x", None, " pass"] and plain["completion"] == ["", ""]
+    assert {row["text"] for row in islice(mix_sources([needles, plain], [0.5, 0.5], seed=0), 4)} <= {
+        "def f(x):", "import os", "class A:", "x = 1", "y = 2"
+    }
+
+    # Independently: <bos> prompt completion <eos>, scored from the completion on (rows without: every token).
+    ids, scored = [], []
+    for row in rows:
+        text, completion = (row, "") if isinstance(row, str) else row
+        prompt = [2, *tokenizer.encode(text, add_special_tokens=False)]
+        answer = tokenizer.encode(completion, add_special_tokens=False) + [3]
+        ids += prompt + answer
+        scored += [not completion] * len(prompt) + [True] * len(answer)
+    window = len(ids)
+    (packed,) = islice(PackedWindows(needles.to_iterable_dataset(), tokenizer, window, cycle=False), 1)
+    assert packed == ScoredTokens(ids, scored) and not all(scored)
+
+    batch = stack_windows([packed, packed])
+    logits = torch.randn(2, window - 1, len(tokenizer))
+    targets, target_scored = batch.ids[:, 1:], batch.scored[:, 1:]
+    picked = torch.nn.functional.cross_entropy(logits[target_scored], targets[target_scored])
+    assert causal_lm_loss(logits, targets, target_scored).item() == pytest.approx(picked.item(), rel=1e-6)
+    assert causal_lm_loss(logits, targets, torch.zeros_like(target_scored)).item() == 0.0
+
+    model = AtlasMAGForCausalLM(tiny_config(**MODEL, vocab_size=len(tokenizer))).eval()
+    with torch.no_grad():
+        model_logits = model(input_ids=batch.ids[:, :-1], ttl=True).logits
+    expected = causal_lm_loss(model_logits, targets, target_scored).item()
+    assert evaluate(model, [packed], 2, Accelerator(), measure_memory=False)["val_loss"] == pytest.approx(expected)
+
+    (block,) = pack_for_causal_lm(needles, tokenizer, window)
+    assert block["input_ids"] == ids
+    assert block["labels"] == [token if keep else -100 for token, keep in zip(ids, scored, strict=True)]
 
 
 def test_mixture_follows_probabilities_and_holdout_is_disjoint():

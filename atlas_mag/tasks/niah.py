@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..reporting import markdown_table, new_figure, save_figure, write_json, write_text
+from ..training.data import Document
 from .demo import CONDITIONS, condition_switches, greedy_generate
 from .recall import check_minimum
 
@@ -179,7 +180,9 @@ class NeedleDocuments:
     then every fact asked and answered in random order (" What is the secret number for <name>? The secret number
     for <name> is <digits>."). A language model trained on them with the next-token loss learns to answer the
     questions; when the filler is longer than its receptive field without TTL, only the memory can carry the
-    facts there. The names are `training_name`s, never the benchmark's."""
+    facts there. The names are `training_name`s, never the benchmark's. Each document's completion is the last
+    answer (" <digits>."): the loss counts only it, not the filler, the random digits of the facts or the
+    questions (whose tokens would otherwise outnumber the answer's some 50 to 1)."""
 
     needles: int = 2
     num_digits: int = 4
@@ -194,8 +197,10 @@ class NeedleDocuments:
                 f"({self.min_filler_tokens})"
             )
 
-    def document(self, tokenizer: PreTrainedTokenizerBase, filler_ids: Sequence[int], rng: random.Random) -> str:
-        """One document's text, its filler a random run of `filler_ids` (token ids of training text)."""
+    def document(
+        self, tokenizer: PreTrainedTokenizerBase, filler_ids: Sequence[int], rng: random.Random
+    ) -> Document:
+        """One document, its filler a random run of `filler_ids` (token ids of training text)."""
         length = rng.randint(self.min_filler_tokens, self.max_filler_tokens)
         if len(filler_ids) < length:
             raise ValueError(f"the filler text has {len(filler_ids)} tokens, fewer than the {length} needed")
@@ -212,13 +217,14 @@ class NeedleDocuments:
         for index, (name, answer) in enumerate(zip(names, answers, strict=True)):
             end = cuts[index + 1] if index + 1 < len(cuts) else length
             pieces += [needle_sentence(name, answer), tokenizer.decode(filler[cuts[index] : end])]
-        for index in rng.sample(range(len(names)), len(names)):
-            pieces.append(f"{question_sentence(names[index])} {answers[index]}.")
-        return "".join(pieces)
+        *earlier, last = rng.sample(range(len(names)), len(names))
+        pieces += [f"{question_sentence(names[index])} {answers[index]}." for index in earlier]
+        pieces.append(question_sentence(names[last]))
+        return Document("".join(pieces), f" {answers[last]}.")
 
     def documents(
         self, tokenizer: PreTrainedTokenizerBase, filler_texts: Sequence[str], count: int, seed: int
-    ) -> list[str]:
+    ) -> list[Document]:
         """`count` documents with filler from `filler_texts` (concatenated), the same ones for the same seed."""
         filler_ids = [token for text in filler_texts for token in _encode(tokenizer, text)]
         rng = random.Random(f"needle-documents-{seed}")

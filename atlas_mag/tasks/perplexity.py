@@ -106,7 +106,7 @@ def long_documents(
     for text in texts:
         if not text:
             continue
-        ids = encode_document(tokenizer, text)
+        ids = encode_document(tokenizer, text).ids
         if len(ids) >= min_tokens:
             documents.append(ids[:max_tokens])
             if len(documents) == num_documents:

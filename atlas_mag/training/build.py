@@ -20,7 +20,7 @@ from ..configuration_atlas import AtlasMAGConfig
 from ..modeling_atlas import AtlasMAGForCausalLM
 from .checkpoints import drop_tied_aliases
 from .config import LoopConfig, TrainConfig
-from .data import PackedWindows, load_source, mix_sources, split_holdout
+from .data import PackedWindows, ScoredTokens, load_source, mix_sources, split_holdout
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -44,7 +44,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 def build_datasets(
     config: TrainConfig, tokenizer: PreTrainedTokenizerBase, rank: int, world_size: int
-) -> tuple[PackedWindows, list[list[int]]]:
+) -> tuple[PackedWindows, list[ScoredTokens]]:
     """The training windows of this process (an endless, resumable iterator) and the fixed validation set."""
     data = config.data
     window = data.seq_len + 1

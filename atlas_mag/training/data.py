@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, interleave_datasets, load_dataset, load_from_disk
@@ -27,6 +27,34 @@ from ..reporting import write_text
 # Local file builders of `datasets`, by file suffix.
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_COLUMN = "text"
+# A row's completion (the prompt-completion rows of TRL): with one, the loss counts only the completion's tokens.
+COMPLETION_COLUMN = "completion"
+
+
+class Document(NamedTuple):
+    """A training document: its text and an optional completion that follows it. With a completion, the loss
+    counts only the completion's tokens and the end of the document (the text is the prompt, read but not
+    scored)."""
+
+    text: str
+    completion: str = ""
+
+
+class ScoredTokens(NamedTuple):
+    """Token ids and, for each, whether it counts in the loss as a next-token target."""
+
+    ids: list[int]
+    scored: list[bool]
+
+
+class TokenBatch(NamedTuple):
+    """Windows [batch, window] of token ids and of whether each counts in the loss (`ScoredTokens`, stacked)."""
+
+    ids: torch.Tensor
+    scored: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(self.ids.to(device), self.scored.to(device))
 
 
 @dataclass
@@ -36,6 +64,8 @@ class DataSource:
     `path` is a local file (.txt, .jsonl/.json, .parquet), a `save_to_disk` folder, or, with `from_hub: true`,
     a Hub dataset id streamed with config `name`. `probability` is its share of documents in a mixture.
     `.txt` files are split into documents by `sample_by`: "line", "paragraph" (blank lines) or "document".
+    Rows with a non-empty `completion_field` (when the source has that column) are prompt-completion documents:
+    the loss counts only the completion (`Document`).
     """
 
     path: str
@@ -44,6 +74,7 @@ class DataSource:
     from_hub: bool = False
     probability: float = 1.0
     text_field: str = TEXT_COLUMN
+    completion_field: str = COMPLETION_COLUMN
     sample_by: str = "paragraph"
 
     @property
@@ -52,7 +83,8 @@ class DataSource:
 
 
 def load_source(source: DataSource) -> Dataset | IterableDataset:
-    """The source's documents with one column, "text": a map-style `Dataset` for local data, a streaming
+    """The source's documents with two columns, "text" and "completion" (empty where the source has none, so
+    that every source can be mixed with every other): a map-style `Dataset` for local data, a streaming
     `IterableDataset` for the Hub. Missing files, empty datasets and missing text columns are errors."""
     if source.from_hub:
         dataset = load_dataset(source.path, source.name, split=source.split, streaming=True)
@@ -66,10 +98,17 @@ def load_source(source: DataSource) -> Dataset | IterableDataset:
             "`text_field`. SmolLM-Corpus `python-edu` rows hold Software Heritage blob ids instead of text: "
             "download the files first or substitute a Python source that holds text."
         )
-    dataset = dataset.select_columns([source.text_field])
-    if source.text_field != TEXT_COLUMN:
-        dataset = dataset.rename_column(source.text_field, TEXT_COLUMN)
-    return dataset
+    has_completions = columns is not None and source.completion_field in columns
+    dataset = dataset.select_columns([source.text_field, *([source.completion_field] if has_completions else [])])
+    dataset = dataset.rename_columns(
+        {old: new for old, new in ((source.text_field, TEXT_COLUMN), (source.completion_field, COMPLETION_COLUMN))
+         if old in dataset.column_names and old != new}
+    )
+    if has_completions:
+        return dataset
+    if isinstance(dataset, Dataset):
+        return dataset.add_column(COMPLETION_COLUMN, [""] * len(dataset))
+    return dataset.map(lambda _: {COMPLETION_COLUMN: ""})
 
 
 def _load_local(source: DataSource) -> Dataset:
@@ -137,15 +176,24 @@ def mix_sources(
     )
 
 
-def encode_document(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """`<bos> text <eos>` as token ids, the way the published model was trained."""
-    return [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+def encode_document(tokenizer: PreTrainedTokenizerBase, text: str, completion: str = "") -> ScoredTokens:
+    """`<bos> text completion <eos>` as token ids, the way the published model was trained (text and completion
+    encoded apart), every token scored, or with a completion only the completion's and `<eos>`."""
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]
+    scored = [not completion] * len(ids)
+    if completion:
+        ids += tokenizer.encode(completion, add_special_tokens=False)
+    ids.append(tokenizer.eos_token_id)
+    scored += [True] * (len(ids) - len(scored))
+    return ScoredTokens(ids, scored)
 
 
-def pack_documents(documents: Sequence[Sequence[int]], window: int) -> list[list[int]]:
-    """Concatenate token lists and cut them into windows of `window` tokens, dropping the incomplete tail."""
-    tokens = [token for document in documents for token in document]
-    return [tokens[start : start + window] for start in range(0, len(tokens) - window + 1, window)]
+def pack_documents(documents: Sequence[ScoredTokens], window: int) -> list[ScoredTokens]:
+    """Concatenate encoded documents and cut them into windows of `window` tokens, dropping the incomplete tail."""
+    ids = [token for document in documents for token in document.ids]
+    scored = [flag for document in documents for flag in document.scored]
+    starts = range(0, len(ids) - window + 1, window)
+    return [ScoredTokens(ids[start : start + window], scored[start : start + window]) for start in starts]
 
 
 class PackedWindows:
@@ -177,7 +225,9 @@ class PackedWindows:
         self.label = label
         self.epoch = 0
         self.documents_read = 0
+        # The tokens read but not yet yielded, and whether each is scored.
         self.buffer: list[int] = []
+        self.scored: list[bool] = []
         self._dataset_state: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -185,6 +235,7 @@ class PackedWindows:
             "epoch": self.epoch,
             "documents_read": self.documents_read,
             "buffer": list(self.buffer),
+            "scored": list(self.scored),
             "dataset": self._dataset_state,
         }
 
@@ -192,9 +243,11 @@ class PackedWindows:
         self.epoch = state["epoch"]
         self.documents_read = state["documents_read"]
         self.buffer = list(state["buffer"])
+        # Saved before completions existed: every token was scored.
+        self.scored = list(state.get("scored", [True] * len(self.buffer)))
         self._dataset_state = state["dataset"]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[ScoredTokens]:
         while True:
             windows_this_pass = 0
             from_start = self._dataset_state is None
@@ -207,13 +260,15 @@ class PackedWindows:
                 text = row.get(TEXT_COLUMN)
                 if index % self.world_size != self.rank or not text:
                     continue
-                self.buffer.extend(encode_document(self.tokenizer, text))
+                document = encode_document(self.tokenizer, text, row.get(COMPLETION_COLUMN) or "")
+                self.buffer.extend(document.ids)
+                self.scored.extend(document.scored)
                 if len(self.buffer) >= self.window:
                     # The stream's position is only needed where this generator pauses: at a window.
                     self._dataset_state = self.dataset.state_dict()
                 while len(self.buffer) >= self.window:
-                    window = self.buffer[: self.window]
-                    del self.buffer[: self.window]
+                    window = ScoredTokens(self.buffer[: self.window], self.scored[: self.window])
+                    del self.buffer[: self.window], self.scored[: self.window]
                     windows_this_pass += 1
                     yield window
             if not self.cycle:
@@ -229,13 +284,19 @@ class PackedWindows:
             self._dataset_state = None
 
 
-def batches(windows: Iterator[list[int]], batch_size: int) -> Iterator[torch.Tensor]:
-    """[batch_size, window] LongTensors from an iterator of windows (an incomplete last batch is dropped)."""
+def stack_windows(windows: Sequence[ScoredTokens]) -> TokenBatch:
+    """Windows of equal length as one batch."""
+    ids = torch.tensor([window.ids for window in windows], dtype=torch.long)
+    return TokenBatch(ids, torch.tensor([window.scored for window in windows], dtype=torch.bool))
+
+
+def batches(windows: Iterator[ScoredTokens], batch_size: int) -> Iterator[TokenBatch]:
+    """Batches of `batch_size` windows from an iterator of windows (an incomplete last batch is dropped)."""
     while True:
         rows = list(islice(windows, batch_size))
         if len(rows) < batch_size:
             return
-        yield torch.tensor(rows, dtype=torch.long)
+        yield stack_windows(rows)
 
 
 def stdlib_documents(max_files: int | None = None, max_chars: int | None = None) -> list[str]:
@@ -255,6 +316,11 @@ def python_docs_documents() -> list[str]:
     return [text for _, text in sorted(topics.items()) if text.strip()]
 
 
-def write_jsonl(documents: Sequence[str], path: str | Path) -> Path:
-    """Write documents as JSON lines `{"text": ...}` (atomically, so no half-written file)."""
-    return write_text(path, "".join(json.dumps({TEXT_COLUMN: document}) + "\n" for document in documents))
+def write_jsonl(documents: Sequence[str | Document], path: str | Path) -> Path:
+    """Write documents as JSON lines `{"text": ...}`, with `"completion"` for a `Document` that has one
+    (atomically, so no half-written file)."""
+    rows = []
+    for document in documents:
+        text, completion = (document, "") if isinstance(document, str) else document
+        rows.append({TEXT_COLUMN: text, **({COMPLETION_COLUMN: completion} if completion else {})})
+    return write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

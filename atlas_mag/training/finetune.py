@@ -1,6 +1,7 @@
 """Fine-tuning a saved Atlas-MAG model (converted or pretrained) with the Transformers `Trainer`: a `datasets`
-text dataset tokenised as `<bos> text <eos>`, packed into blocks, `DataCollatorForLanguageModeling(mlm=False)`,
-gradient checkpointing on (with test-time learning on, as in pretraining)."""
+text dataset tokenised as `<bos> text <eos>` (or prompt-completion rows, whose labels are the completion's),
+packed into blocks of input ids and labels, gradient checkpointing on (with test-time learning on, as in
+pretraining)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,23 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from datasets import Dataset, IterableDataset
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
 
 from ..cli import coerce_scalar, local_or_hub
 from ..compat import checkpointing_training_arguments
 from ..hub import render_model_card, save_model_folder
 from ..tokenization import load_tokenizer
 from .build import load_atlas_model
-from .data import DataSource, encode_document, load_source, pack_documents, split_holdout
+from .data import (
+    COMPLETION_COLUMN,
+    TEXT_COLUMN,
+    DataSource,
+    encode_document,
+    load_source,
+    pack_documents,
+    split_holdout,
+)
+from .validation import IGNORE_INDEX
 
 DEFAULT_TRAINING_ARGUMENTS = {
     "learning_rate": 5e-5,
@@ -40,14 +50,18 @@ DEFAULT_TRAINING_ARGUMENTS = {
 def pack_for_causal_lm(
     dataset: Dataset | IterableDataset, tokenizer: PreTrainedTokenizerBase, block_size: int
 ) -> Dataset | IterableDataset:
-    """Tokenise every document as `<bos> text <eos>` and cut the concatenation into blocks of `block_size`
-    tokens (a "text" column in, an "input_ids" column out; the tail of each map batch is dropped)."""
+    """Tokenise every document as `<bos> text <eos>` (`encode_document`) and cut the concatenation into blocks of
+    `block_size` tokens ("text" and "completion" columns in, "input_ids" and "labels" out, the labels
+    `IGNORE_INDEX` where a token is not scored; the tail of each map batch is dropped)."""
 
     def pack(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        documents = [encode_document(tokenizer, text) for text in batch["text"] if text]
-        return {"input_ids": pack_documents(documents, block_size)}
+        rows = zip(batch[TEXT_COLUMN], batch[COMPLETION_COLUMN], strict=True)
+        documents = [encode_document(tokenizer, text, completion or "") for text, completion in rows if text]
+        blocks = pack_documents(documents, block_size)
+        labels = [[i if s else IGNORE_INDEX for i, s in zip(*block, strict=True)] for block in blocks]
+        return {"input_ids": [block.ids for block in blocks], "labels": labels}
 
-    return dataset.map(pack, batched=True, batch_size=256, remove_columns=["text"])
+    return dataset.map(pack, batched=True, batch_size=256, remove_columns=[TEXT_COLUMN, COMPLETION_COLUMN])
 
 
 def training_arguments_from(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +117,8 @@ def finetune(
         args=TrainingArguments(**arguments),
         train_dataset=train_blocks,
         eval_dataset=eval_blocks,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        # The blocks have one length and their own labels: stacking them is all a collator has to do.
+        data_collator=default_data_collator,
         processing_class=tokenizer,
     )
     trainer.train()

@@ -47,7 +47,7 @@ from .checkpoints import (
     schedule_settings,
 )
 from .config import TrainConfig, config_to_dict
-from .data import PackedWindows, batches
+from .data import PackedWindows, ScoredTokens, TokenBatch, batches
 from .metrics import MetricsLog, flatten_config
 from .sharding import check_launch, full_model_state_dict, full_tensor, load_sharded_state, local_tensor, shard_model
 from .validation import causal_lm_loss, evaluate
@@ -87,8 +87,8 @@ class TrainingRun:
     accelerator: Accelerator
     tokenizer: PreTrainedTokenizerBase
     train_windows: PackedWindows
-    train_batches: Iterator[torch.Tensor]
-    validation_windows: list[list[int]]
+    train_batches: Iterator[TokenBatch]
+    validation_windows: list[ScoredTokens]
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: AcceleratedScheduler
@@ -318,8 +318,8 @@ def optimizer_step(run: TrainingRun, interval: TrainingInterval) -> torch.Tensor
     for _ in range(loop.gradient_accumulation_steps):
         batch = next(run.train_batches).to(accelerator.device)
         with accelerator.accumulate(model):
-            outputs = model(input_ids=batch[:, :-1])
-            loss = causal_lm_loss(outputs.logits, batch[:, 1:])
+            outputs = model(input_ids=batch.ids[:, :-1])
+            loss = causal_lm_loss(outputs.logits, batch.ids[:, 1:], batch.scored[:, 1:])
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), loop.max_grad_norm or math.inf)

@@ -10,11 +10,24 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from ..modeling_atlas import AtlasMAGCache, AtlasMAGForCausalLM
+from .data import ScoredTokens, stack_windows
+
+# The label that Transformers' losses skip.
+IGNORE_INDEX = -100
 
 
-def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits [batch, length, vocab] against targets [batch, length], computed in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+def causal_lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor | None = None, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of logits [batch, length, vocab] against targets [batch, length], computed in fp32, summed or
+    averaged (`reduction`) over the targets that are `scored` ([batch, length] bool; None: all of them). A batch
+    with no scored target has a mean of 0 (a window of prompts only), not NaN."""
+    if scored is not None:
+        targets = targets.masked_fill(~scored, IGNORE_INDEX)
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (targets.numel() if scored is None else scored.sum().clamp(min=1))
 
 
 def memory_update_norm(model: AtlasMAGForCausalLM, cache: AtlasMAGCache) -> torch.Tensor | None:
@@ -31,7 +44,7 @@ def memory_update_norm(model: AtlasMAGForCausalLM, cache: AtlasMAGCache) -> torc
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    windows: list[list[int]],
+    windows: list[ScoredTokens],
     batch_size: int,
     accelerator: Accelerator,
     measure_memory: bool = True,
@@ -44,13 +57,13 @@ def evaluate(
     # nll with TTL, nll without, target tokens, sum of memory update norms, sequences measured
     totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     for start in range(0, len(rank_windows), batch_size):
-        batch = torch.tensor(rank_windows[start : start + batch_size], device=accelerator.device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        batch = stack_windows(rank_windows[start : start + batch_size]).to(accelerator.device)
+        inputs, targets, scored = batch.ids[:, :-1], batch.ids[:, 1:], batch.scored[:, 1:]
         with_ttl = model(input_ids=inputs, use_cache=measure_memory, ttl=True)
         without_ttl = model(input_ids=inputs, use_cache=False, ttl=False)
-        totals[0] += causal_lm_loss(with_ttl.logits, targets, reduction="sum").double()
-        totals[1] += causal_lm_loss(without_ttl.logits, targets, reduction="sum").double()
-        totals[2] += targets.numel()
+        totals[0] += causal_lm_loss(with_ttl.logits, targets, scored, reduction="sum").double()
+        totals[1] += causal_lm_loss(without_ttl.logits, targets, scored, reduction="sum").double()
+        totals[2] += scored.sum()
         norms = memory_update_norm(unwrapped, with_ttl.cache) if measure_memory else None
         if norms is not None:
             totals[3] += norms.sum().double()
