@@ -36,7 +36,7 @@ setup-oldest: $(VENV_OLDEST)/.installed
 # transformers predates `transformers serve`'s serving package), and test-oldest leaves out EXTRA_TESTS.
 setup-serving: $(VENV)/.serving-installed
 
-# The `evaluation` extra (lm-evaluation-harness) on top of setup; like the serving extra, newest venv only.
+# The `evaluation` extra (lm-evaluation-harness) on top of setup and the serving extra; newest venv only.
 setup-evaluation: $(VENV)/.evaluation-installed
 
 # torch is pinned through constraints.txt so that pip takes the local CPU build and never the CUDA packages.
@@ -53,7 +53,8 @@ $(VENV)/.serving-installed: $(VENV)/.installed
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[serving]"
 	touch $@
 
-$(VENV)/.evaluation-installed: $(VENV)/.installed
+# After the serving extra, not beside it: two pip runs must not install into one venv at once (`make -j`).
+$(VENV)/.evaluation-installed: $(VENV)/.serving-installed
 	$(PYTHON) -m pip install -q -c constraints.txt -e ".[evaluation]"
 	touch $@
 

@@ -98,13 +98,12 @@ def load_source(source: DataSource) -> Dataset | IterableDataset:
             "`text_field`. SmolLM-Corpus `python-edu` rows hold Software Heritage blob ids instead of text: "
             "download the files first or substitute a Python source that holds text."
         )
-    has_completions = columns is not None and source.completion_field in columns
-    dataset = dataset.select_columns([source.text_field, *([source.completion_field] if has_completions else [])])
-    dataset = dataset.rename_columns(
-        {old: new for old, new in ((source.text_field, TEXT_COLUMN), (source.completion_field, COMPLETION_COLUMN))
-         if old in dataset.column_names and old != new}
-    )
-    if has_completions:
+    names = {source.text_field: TEXT_COLUMN}
+    if columns is not None and source.completion_field in columns:
+        names[source.completion_field] = COMPLETION_COLUMN
+    dataset = dataset.select_columns(list(names))
+    dataset = dataset.rename_columns({old: new for old, new in names.items() if old != new})
+    if COMPLETION_COLUMN in names.values():
         return dataset
     if isinstance(dataset, Dataset):
         return dataset.add_column(COMPLETION_COLUMN, [""] * len(dataset))
