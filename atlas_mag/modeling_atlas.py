@@ -310,9 +310,10 @@ class AtlasMAGBlock(GradientCheckpointingLayer):
         """The memory's output (it learns on the way, per `call.schedule`) from the gamma weights of the new
         positions and the attention's projections, in fp32."""
         gamma = torch.sigmoid(self.gamma_gate(normed).squeeze(-1).float())
-        rates = self.ttl_rates(normed) if self.config.ttl_data_dependent_rates else None
-        # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision.
+        # Memory math stays fp32 under mixed precision too: degree-2 features overflow in half precision, and a
+        # decay of 0.999 rounds to 1 in bf16.
         with torch.autocast(device_type=normed.device.type, enabled=False):
+            rates = self.ttl_rates(normed) if self.config.ttl_data_dependent_rates else None
             query, key, value = (_merge_heads(x).float() for x in qkv)
             return self.memory.block_forward(
                 query,

@@ -160,12 +160,12 @@ def check_data_recipe(settings: NeedleLMSettings, paths: NeedleLMData, seed: int
             details = ", ".join(f"{key}: {was!r} there, {now!r} here" for key, (was, now) in changed.items())
             raise ValueError(
                 f"{paths.text.parent} was written with other settings ({details}); give another --output-dir or "
-                "remove its data/ and tokenizer/ folders"
+                "remove its data/, tokenizer/ and train/ folders"
             )
     elif written:
         raise ValueError(
             f"{written[0]} was written by an earlier version of this job (no {manifest.name}); give another "
-            "--output-dir or remove its data/ and tokenizer/ folders"
+            "--output-dir or remove its data/, tokenizer/ and train/ folders"
         )
     else:
         write_json(manifest, recipe)

@@ -337,6 +337,18 @@ def test_memory_math_is_fp32_under_bf16():
     assert state.omega.queries.dtype == torch.float32
 
 
+def test_data_dependent_rates_are_fp32_under_autocast():
+    """Under bf16 autocast the rates are still computed in fp32 (a decay of 0.999 is 1.0 in bf16)."""
+    model = AtlasMAGForCausalLM(tiny_config(ttl_data_dependent_rates=True)).eval()  # rates = the constants
+    captured = []
+    model.model.layers[0].ttl_rates.register_forward_hook(lambda module, args, rates: captured.append(rates))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 97, (1, 12)))
+    (rates,) = captured
+    assert all(rate.dtype == torch.float32 for rate in rates)
+    torch.testing.assert_close(rates.decay, torch.full_like(rates.decay, model.config.ttl_decay), rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ generate
 
 

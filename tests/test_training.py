@@ -34,7 +34,7 @@ from atlas_mag.training import (
     train,
 )
 from atlas_mag.training.build import build_datasets, lr_multiplier, make_accelerator
-from atlas_mag.training.checkpoints import list_checkpoints, resolve_checkpoint
+from atlas_mag.training.checkpoints import list_checkpoints, resolve_checkpoint, resume_signature
 from atlas_mag.training.config import apply_override
 from atlas_mag.training.data import (
     DataSource,
@@ -458,6 +458,15 @@ def test_completion_rows_score_only_their_completion(tmp_path, tokenizer_dir):
     (block,) = pack_for_causal_lm(needles, tokenizer, window)
     assert block["input_ids"] == ids
     assert block["labels"] == [token if keep else -100 for token, keep in zip(ids, scored, strict=True)]
+
+
+def test_resume_signature_of_a_source_field_at_its_default_is_the_one_saved_before_it():
+    """Checkpoints written before `completion_field` existed resume: at its default it is not in the signature."""
+    config = config_from_dict({**yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())})
+    (source,) = resume_signature(config)["data"]["sources"]
+    assert "completion_field" not in source and source["text_field"] == "text"
+    config.data.sources[0].completion_field = "answer"
+    assert resume_signature(config)["data"]["sources"][0]["completion_field"] == "answer"
 
 
 def test_mixture_follows_probabilities_and_holdout_is_disjoint():

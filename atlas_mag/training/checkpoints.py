@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from ..reporting import move_folder_into_place
 from .config import LoopConfig, TrainConfig
+from .data import COMPLETION_COLUMN
 from .sharding import save_sharded_state
 
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)")
@@ -132,10 +133,20 @@ def read_trainer_state(checkpoint: Path, rank: int, world_size: int) -> dict[str
     return json.loads((checkpoint / f"trainer_state_rank{rank}.json").read_text())
 
 
+# Data-source fields added after checkpoints recorded signatures, with their defaults: left out of a signature
+# while at the default, so that a checkpoint written before the field existed still resumes.
+LATER_SOURCE_FIELDS = {"completion_field": COMPLETION_COLUMN}
+
+
 def resume_signature(config: TrainConfig) -> dict[str, Any]:
     """The settings that fix what the data position means; they must not change across a resume."""
+    data = asdict(config.data)
+    for source in [*data["sources"], *(data["validation_sources"] or [])]:
+        for name, default in LATER_SOURCE_FIELDS.items():
+            if source.get(name) == default:
+                del source[name]
     return {
-        "data": asdict(config.data),
+        "data": data,
         "micro_batch_size": config.training.micro_batch_size,
         "gradient_accumulation_steps": config.training.gradient_accumulation_steps,
         "seed": config.seed,

@@ -11,6 +11,7 @@ its text column is refused with a message, and the 43M recipe substitutes a Pyth
 from __future__ import annotations
 
 import json
+import logging
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from ..reporting import write_text
 
 # Local file builders of `datasets`, by file suffix.
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+logger = logging.getLogger(__name__)
+
 TEXT_COLUMN = "text"
 # A row's completion (the prompt-completion rows of TRL): with one, the loss counts only the completion's tokens.
 COMPLETION_COLUMN = "completion"
@@ -83,9 +86,10 @@ class DataSource:
 
 
 def load_source(source: DataSource) -> Dataset | IterableDataset:
-    """The source's documents with two columns, "text" and "completion" (empty where the source has none, so
-    that every source can be mixed with every other): a map-style `Dataset` for local data, a streaming
-    `IterableDataset` for the Hub. Missing files, empty datasets and missing text columns are errors."""
+    """The source's documents with columns "text" and "completion" (local data without completions gets empty
+    ones, so that every local source mixes with every other; a Hub stream without them keeps its "text" column
+    alone): a map-style `Dataset` for local data, a streaming `IterableDataset` for the Hub. Missing files, empty
+    datasets and missing text columns are errors."""
     if source.from_hub:
         dataset = load_dataset(source.path, source.name, split=source.split, streaming=True)
     else:
@@ -99,15 +103,19 @@ def load_source(source: DataSource) -> Dataset | IterableDataset:
             "download the files first or substitute a Python source that holds text."
         )
     names = {source.text_field: TEXT_COLUMN}
-    if columns is not None and source.completion_field in columns:
+    if columns is None:
+        logger.warning(
+            "The columns of data source %s are unknown until read: only its text column %r is read (a completion "
+            "column would not be used)", source.label, source.text_field
+        )
+    elif source.completion_field in columns:
         names[source.completion_field] = COMPLETION_COLUMN
     dataset = dataset.select_columns(list(names))
     dataset = dataset.rename_columns({old: new for old, new in names.items() if old != new})
-    if COMPLETION_COLUMN in names.values():
+    if COMPLETION_COLUMN in names.values() or isinstance(dataset, IterableDataset):
+        # A stream without completions stays as it was (its saved positions keep fitting it); its rows have none.
         return dataset
-    if isinstance(dataset, Dataset):
-        return dataset.add_column(COMPLETION_COLUMN, [""] * len(dataset))
-    return dataset.map(lambda _: {COMPLETION_COLUMN: ""})
+    return dataset.add_column(COMPLETION_COLUMN, [""] * len(dataset))
 
 
 def _load_local(source: DataSource) -> Dataset:

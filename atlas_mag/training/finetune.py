@@ -52,16 +52,19 @@ def pack_for_causal_lm(
 ) -> Dataset | IterableDataset:
     """Tokenise every document as `<bos> text <eos>` (`encode_document`) and cut the concatenation into blocks of
     `block_size` tokens ("text" and "completion" columns in, "input_ids" and "labels" out, the labels
-    `IGNORE_INDEX` where a token is not scored; the tail of each map batch is dropped)."""
+    `IGNORE_INDEX` where a token is not scored; the tail of each map batch and blocks with nothing scored are
+    dropped)."""
 
     def pack(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        rows = zip(batch[TEXT_COLUMN], batch[COMPLETION_COLUMN], strict=True)
+        completions = batch.get(COMPLETION_COLUMN) or [""] * len(batch[TEXT_COLUMN])
+        rows = zip(batch[TEXT_COLUMN], completions, strict=True)
         documents = [encode_document(tokenizer, text, completion or "") for text, completion in rows if text]
-        blocks = pack_documents(documents, block_size)
+        # A block of prompt tokens only has nothing to score (the Trainer's evaluation loss would be NaN).
+        blocks = [block for block in pack_documents(documents, block_size) if any(block.scored)]
         labels = [[i if s else IGNORE_INDEX for i, s in zip(*block, strict=True)] for block in blocks]
         return {"input_ids": [block.ids for block in blocks], "labels": labels}
 
-    return dataset.map(pack, batched=True, batch_size=256, remove_columns=[TEXT_COLUMN, COMPLETION_COLUMN])
+    return dataset.map(pack, batched=True, batch_size=256, remove_columns=dataset.column_names or [TEXT_COLUMN])
 
 
 def training_arguments_from(overrides: dict[str, Any]) -> dict[str, Any]:
