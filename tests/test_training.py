@@ -41,6 +41,7 @@ from atlas_mag.training.data import (
     Document,
     PackedWindows,
     ScoredTokens,
+    TokenBatch,
     encode_document,
     load_source,
     mix_sources,
@@ -50,6 +51,7 @@ from atlas_mag.training.data import (
     write_jsonl,
 )
 from atlas_mag.training.finetune import pack_for_causal_lm
+from atlas_mag.training.loop import summed_loss_scale
 from atlas_mag.training.validation import causal_lm_loss, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -458,6 +460,31 @@ def test_completion_rows_score_only_their_completion(tmp_path, tokenizer_dir):
     (block,) = pack_for_causal_lm(needles, tokenizer, window)
     assert block["input_ids"] == ids
     assert block["labels"] == [token if keep else -100 for token, keep in zip(ids, scored, strict=True)]
+
+
+def test_accumulated_micro_batches_weigh_every_scored_target_alike():
+    """Two accumulated micro-batches with 3 and 9 scored targets give the gradient of the mean over all 12, as one
+    batch holding both would (the loop's loss scale, with Accelerate's own division by the accumulation)."""
+    torch.manual_seed(0)
+    model = AtlasMAGForCausalLM(tiny_config())
+    ids = torch.randint(4, 97, (2, 1, 17))
+    scored = torch.zeros(2, 1, 17, dtype=torch.bool)
+    scored[0, 0, -3:] = True
+    scored[1, 0, -9:] = True
+    micro_batches = [TokenBatch(ids[i], scored[i]) for i in range(2)]
+    accelerator = Accelerator(gradient_accumulation_steps=2)
+    scale = summed_loss_scale(micro_batches, accelerator)
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            logits = model(input_ids=batch.ids[:, :-1]).logits
+            accelerator.backward(scale * causal_lm_loss(logits, batch.ids[:, 1:], batch.scored[:, 1:], reduction="sum"))
+    accumulated = [param.grad.clone() for param in model.parameters()]
+    model.zero_grad()
+    whole = stack_windows([ScoredTokens(i[0].tolist(), m[0].tolist()) for i, m in zip(ids, scored, strict=True)])
+    logits = model(input_ids=whole.ids[:, :-1]).logits
+    causal_lm_loss(logits, whole.ids[:, 1:], whole.scored[:, 1:]).backward()
+    for got, param in zip(accumulated, model.parameters(), strict=True):
+        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_resume_signature_of_a_source_field_at_its_default_is_the_one_saved_before_it():

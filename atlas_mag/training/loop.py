@@ -310,16 +310,27 @@ def run_steps(run: TrainingRun, log: RunLog, last_checkpoint: Path | None) -> Pa
     return last_checkpoint
 
 
+def summed_loss_scale(micro_batches: list[TokenBatch], accelerator: Accelerator) -> torch.Tensor:
+    """The factor of each micro-batch's summed loss that makes the step's gradient the mean over all of its
+    scored targets, however unevenly they fall into micro-batches and processes (completion-only rows): one over
+    their count on every process, times what Accelerate (micro-batches) and the data-parallel reduction
+    (processes) divide by. With every target scored, each micro-batch's loss is its mean, as before."""
+    targets = torch.stack([batch.scored[:, 1:].sum() for batch in micro_batches]).sum()
+    step_targets = accelerator.reduce(targets, reduction="sum").clamp(min=1)
+    return accelerator.gradient_accumulation_steps * accelerator.num_processes / step_targets.float()
+
+
 def optimizer_step(run: TrainingRun, interval: TrainingInterval) -> torch.Tensor:
     """One optimizer step over `gradient_accumulation_steps` micro-batches. Returns the gradient norm before
     clipping, measured at the last micro-batch, where Accelerate synchronises the gradients and the optimizer
     steps (an Accelerate optimizer would skip the other micro-batches itself; a sharded run's is a plain one)."""
     accelerator, model, optimizer, loop = run.accelerator, run.model, run.optimizer, run.config.training
-    for _ in range(loop.gradient_accumulation_steps):
-        batch = next(run.train_batches).to(accelerator.device)
+    micro_batches = [next(run.train_batches).to(accelerator.device) for _ in range(loop.gradient_accumulation_steps)]
+    scale = summed_loss_scale(micro_batches, accelerator)
+    for batch in micro_batches:
         with accelerator.accumulate(model):
             outputs = model(input_ids=batch.ids[:, :-1])
-            loss = causal_lm_loss(outputs.logits, batch.ids[:, 1:], batch.scored[:, 1:])
+            loss = scale * causal_lm_loss(outputs.logits, batch.ids[:, 1:], batch.scored[:, 1:], reduction="sum")
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), loop.max_grad_norm or math.inf)
