@@ -63,10 +63,15 @@ def render_model_card(
             f"rank {config.poly_rank}, MLP width {config.memory_mlp_hidden_size}, "
             f"optimizer `{config.memory_optimizer}`"
         )
+        rates = (
+            f"eta {config.ttl_lr}{' (adaptive)' if config.ttl_adaptive_lr else ''}, momentum {config.ttl_momentum}, "
+            f"decay {config.ttl_decay}"
+        )
+        if config.ttl_data_dependent_rates:
+            rates = f"data-dependent rates per token, starting at {rates}"
         fields["ttl"] = (
-            f"chunk {config.ttl_chunk_size}, Omega window {config.omega_window}, eta {config.ttl_lr}"
-            f"{' (adaptive)' if config.ttl_adaptive_lr else ''}, momentum {config.ttl_momentum}, decay "
-            f"{config.ttl_decay}, Newton–Schulz steps {config.ttl_ns_steps}"
+            f"chunk {config.ttl_chunk_size}, Omega window {config.omega_window}, {rates}, "
+            f"Newton–Schulz steps {config.ttl_ns_steps}"
         )
     else:
         fields["memory"] = "none: attention-only ablation (`use_memory=False`)"
