@@ -142,9 +142,11 @@ DATA_FORMAT = 2
 
 def data_recipe(settings: NeedleLMSettings, seed: int) -> dict[str, Any]:
     """Everything the files of step 1 depend on."""
-    names = ("stdlib_files", "held_out_every", "passage_chars", "vocab_size", "needle_documents")
-    counts = {name: getattr(settings, name) for name in (*names, "held_out_needle_documents")}
-    return {"format": DATA_FORMAT, "seed": seed, **counts, "needles": asdict(settings.needles)}
+    names = (
+        "stdlib_files", "held_out_every", "passage_chars", "vocab_size", "needle_documents", "held_out_needle_documents"
+    )
+    settings_used = {name: getattr(settings, name) for name in names}
+    return {"format": DATA_FORMAT, "seed": seed, **settings_used, "needles": asdict(settings.needles)}
 
 
 def check_data_recipe(settings: NeedleLMSettings, paths: NeedleLMData, seed: int) -> None:

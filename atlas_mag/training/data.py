@@ -25,10 +25,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ..reporting import write_text
 
-# Local file builders of `datasets`, by file suffix.
-LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 logger = logging.getLogger(__name__)
 
+# Local file builders of `datasets`, by file suffix.
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_COLUMN = "text"
 # A row's completion (the prompt-completion rows of TRL): with one, the loss counts only the completion's tokens.
 COMPLETION_COLUMN = "completion"
